@@ -1,0 +1,162 @@
+"""PNG figures for the analyses, drawn from their JSON reports (so a figure can be redrawn from saved results).
+
+matplotlib with the Agg backend: no display is needed, and importing this module never opens a window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import atomic_path
+
+TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def _type_colors(types):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    order = [t for t in TYPE_ORDER if t in types] + sorted(t for t in types if t not in TYPE_ORDER)
+    return {t: cmap(i % 10) for i, t in enumerate(order)}
+
+
+def plot_energy(report: dict, path: str | Path) -> None:
+    """Left: y(r) against x(r) = r²/R² with the y = x line (Fig. 2). Right: y against r with the target share."""
+    import numpy as np
+
+    plt = _plt()
+    mats = report["matrices"]
+    colors = _type_colors({m["type"] for m in mats})
+    few = len(mats) <= 8
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
+    seen = set()
+    for m in mats:
+        y = np.asarray(m["y"])
+        r = np.arange(1, len(y) + 1)
+        x = r ** 2 / m["R"] ** 2
+        label = m["name"] if few else (m["type"] if m["type"] not in seen else None)
+        seen.add(m["type"])
+        kw = dict(color=colors[m["type"]], lw=1.6 if few else 0.8, alpha=1.0 if few else 0.6, label=label)
+        a.plot(x, y, **kw)
+        b.plot(r, y, **kw)
+        if few and m["rank_for_target"]:
+            k = m["rank_for_target"]
+            b.plot([k], [y[k - 1]], "o", color=colors[m["type"]])
+            b.annotate(f"r={k}", (k, y[k - 1]), textcoords="offset points", xytext=(6, -12), fontsize=9)
+    a.plot([0, 1], [0, 1], "k--", lw=1, label="y = x (uniform energy)")
+    a.set(xlabel="x(r) = r² / R²  (area of the anchored block)", ylabel="y(r)  (share of gradient energy)",
+          xlim=(0, 1), ylim=(0, 1.02), title="Gradient energy in the top-r frame")
+    b.axhline(report["target"], color="gray", ls=":", lw=1, label=f"target {report['target']:.0%}")
+    b.set(xlabel="r", ylabel="y(r)", ylim=(0, 1.02), title=f"{report['samples']} samples · {Path(report['data']).name}")
+    a.legend(fontsize=8, loc="lower right")
+    b.legend(fontsize=8, loc="lower right")
+    a.grid(alpha=0.3)
+    b.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_rotation(report: dict, path: str | Path) -> None:
+    """Layerwise mean angle (U and V space) per checkpoint, and the rankwise prefix curve of one matrix."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    cmap = plt.get_cmap("tab10")
+    for c, ck in enumerate(report["checkpoints"]):
+        color = cmap(c % 10)
+        layers = [r["layer"] for r in ck["layers"]]
+        lm = ck["layer_mean"]
+        axes[0].plot(layers, [r["u_mean_deg"] for r in ck["layers"]], "o-", ms=3, color=color,
+                     label=f"{ck['label']} (mean {lm['u_mean_deg']:.3g}°)" if lm["u_mean_deg"] is not None else ck["label"])
+        axes[1].plot(layers, [r["v_mean_deg"] for r in ck["layers"]], "o-", ms=3, color=color,
+                     label=f"{ck['label']} (mean {lm['v_mean_deg']:.3g}°)" if lm["v_mean_deg"] is not None else ck["label"])
+        rw = ck.get("rankwise")
+        if rw:
+            axes[2].plot(rw["r"], rw["u_deg"], "-", color=color, label=f"{ck['label']} U")
+            axes[2].plot(rw["r"], rw["v_deg"], "--", color=color, label=f"{ck['label']} V")
+    K = report["K"]
+    axes[0].set(xlabel="layer", ylabel="mean principal angle (°)", title=f"U space, top-K (K = min({K}, m, n))")
+    axes[1].set(xlabel="layer", ylabel="mean principal angle (°)", title="V space")
+    rw0 = next((ck["rankwise"] for ck in report["checkpoints"] if ck.get("rankwise")), None)
+    axes[2].set(xlabel="prefix rank r", ylabel="mean angle over top-r (°)",
+                title=f"rankwise: {rw0['matrix'] if rw0 else ''}")
+    axes[2].title.set_fontsize(9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_first_order(report: dict, path: str | Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for ck in report["checkpoints"]:
+        ax.plot([r["layer"] for r in ck["layers"]], [r["mean_inner"] for r in ck["layers"]], "o-", ms=3,
+                label=f"{ck['label']} (Σ = {ck['total_inner']:.3g})")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="layer", ylabel="mean ⟨g_W, W_tuned − W_base⟩ over projections",
+           title=f"First-order loss change per layer ({report['samples']} samples; < 0 = downhill)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_drift(report: dict, path: str | Path) -> None:
+    """2-D PCA of pooled hidden states; arrows run from the base centroid to each tuned centroid."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.8, 5.6))
+    cmap = plt.get_cmap("tab10")
+    pts = report["pca"]["points"]
+    colors = {lab: cmap(i % 10) for i, lab in enumerate(pts)}
+    for lab, p in pts.items():
+        p = np.asarray(p)
+        ax.scatter(p[:, 0], p[:, 1], s=12, alpha=0.55, color=colors[lab], label=lab)
+    for m in report["models"]:
+        (x0, y0), (x1, y1) = m["arrow_start"], m["arrow_end"]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                    arrowprops=dict(arrowstyle="-|>", color=colors[m["label"]], lw=2))
+        ax.plot([x1], [y1], "*", ms=12, color=colors[m["label"]], mec="k")
+    if report["models"]:
+        x0, y0 = report["models"][0]["arrow_start"]
+        ax.plot([x0], [y0], "*", ms=12, color=colors["base"], mec="k")
+    ev = report["pca"]["explained_variance_ratio"]
+    ax.set(xlabel=f"PC1 ({ev[0]:.0%})", ylabel=f"PC2 ({ev[1]:.0%})",
+           title="Pooled last-layer hidden states (★ centroids)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_entropy(report: dict, path: str | Path) -> None:
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    cmap = plt.get_cmap("tab10")
+    top = max((max(m["kde"]["density"]) for m in report["models"] if m["kde"]), default=1.0)
+    for i, m in enumerate(report["models"]):
+        color = cmap(i % 10)
+        if m["kde"]:
+            ax.plot(m["kde"]["grid"], m["kde"]["density"], color=color,
+                    label=f"{m['label']} (mean {m['mean']:.3f}, h = {m['kde']['bandwidth']:.3g})")
+        e = np.asarray(m["entropies"])
+        ax.plot(e, np.full_like(e, -0.04 * top * (i + 1)), "|", color=color, ms=8)
+    ax.set(xlabel="mean token entropy per sample (nats)", ylabel="density",
+           title=f"Greedy-decoding entropy (≤ {report['max_new_tokens']} new tokens, {report['samples']} prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,197 @@
+"""RotationAnchor: the RPSFT regulariser (paper Eq. 3-4, Algorithm 1).
+
+For each selected pretrained weight W0 (m×n) with top-k singular triplets (U_k, σ_k, V_k):
+
+    R(W) = ‖U_kᵀ W V_k − diag(σ_k)‖²_F = ‖U_kᵀ (W − W0) V_k‖²_F            (Eq. 3)
+    ∇_W R = 2 · U_k A V_kᵀ,   A = U_kᵀ W V_k − diag(σ_k)   (k×k)            (closed form)
+
+k = 0 contributes nothing (plain SFT). k = min(m, n) makes U_k, V_k square orthogonal, so R = ‖W − W0‖²_F
+("L2-Init", App. C): for those matrices we skip the SVD and keep W0 itself, which is both exact and cheaper
+than two m×m / n×n rotations. Only U_k, V_k and the σ_k vector are stored otherwise — no k×k block and no copy
+of W0 — i.e. (m + n + 1)·k numbers per matrix.
+
+Everything is computed in ``dtype`` (fp32 by default) whatever the weight dtype: A is a small difference of
+large numbers, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .bases import BasesCache, get_bases
+from .selection import matrix_type, resolve_ranks, select_matrices
+
+
+@dataclass
+class _Term:
+    name: str
+    shape: tuple[int, int]
+    k: int
+    U: torch.Tensor | None = None  # m×k
+    S: torch.Tensor | None = None  # k
+    V: torch.Tensor | None = None  # n×k
+    W0: torch.Tensor | None = None  # only where k == min(m, n)
+    ref_sq: float = 1.0  # ‖σ_k‖² or ‖W0‖²: the scale that relative drift is measured against
+
+    @property
+    def full(self) -> bool:
+        return self.W0 is not None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.U, self.S, self.V, self.W0) if t is not None]
+
+
+def _refuse_partitioned(name: str, p: torch.Tensor) -> None:
+    # DeepSpeed ZeRO-3 swaps every parameter for an empty placeholder; an anchor built on it would be a silent no-op.
+    if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or p.numel() == 0:
+        raise RuntimeError(
+            f"parameter {name} is partitioned (DeepSpeed ZeRO-3 or an empty placeholder): the rotation anchor needs "
+            "full weight matrices. Use ZeRO-2 or FSDP2 (see docs/method.md), or build the anchor before sharding."
+        )
+
+
+class RotationAnchor:
+    """Pretrained top-k spectral frames of selected matrices, with the penalty and its closed-form gradient."""
+
+    def __init__(self, terms: Iterable[_Term], dtype: torch.dtype = torch.float32):
+        self.terms: dict[str, _Term] = {t.name: t for t in terms}
+        self.dtype = dtype
+        self.last_sq: dict[str, float] = {}  # per-matrix ‖A‖² from the latest accumulate_grad_
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, rank: Any = 768, targets: Iterable[str] | str | None = None,
+                   svd: str = "exact", dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None,
+                   layers: Any = None, niter: int = 8, progress: bool = False) -> "RotationAnchor":
+        """Anchor the matrices of ``model`` matched by ``targets`` (default: the seven projections) at rank ``rank``.
+
+        ``rank``: int k (clipped to min(m, n)), fraction in (0, 1], mapping pattern -> k, or ``"@ranks.json"``.
+        Bases come from ``cache_dir`` when a matching entry exists, otherwise they are computed and stored there.
+        """
+        matrices = select_matrices(model, targets, layers)
+        for name, p in matrices:
+            _refuse_partitioned(name, p)
+        ranks = resolve_ranks([(n, tuple(p.shape)) for n, p in matrices], rank)
+        cache = BasesCache(cache_dir)
+        terms = []
+        iterator = matrices
+        if progress:
+            from rich.progress import track
+
+            iterator = track(matrices, description="anchor bases", transient=True)
+        for name, p in iterator:
+            k, shape = ranks[name], tuple(p.shape)
+            if k == 0:
+                continue
+            W = p.detach()
+            if k >= min(shape):
+                W0 = W.to(dtype=dtype, copy=True)
+                terms.append(_Term(name, shape, k, W0=W0, ref_sq=float(W0.double().pow(2).sum())))
+            else:
+                b = get_bases(W, k, solver=svd, cache=cache, niter=niter)
+                U, S, V = (t.to(device=p.device, dtype=dtype) for t in (b.U, b.S, b.V))
+                terms.append(_Term(name, shape, k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum())))
+        return cls(terms, dtype=dtype)
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {n: t.k for n, t in self.terms.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for t in self.terms.values() for x in t.tensors())
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def __repr__(self) -> str:
+        full = sum(t.full for t in self.terms.values())
+        return (f"RotationAnchor({len(self)} matrices, {full} at full rank, k={sorted(set(self.ranks.values()))}, "
+                f"{self.nbytes / 2**20:.1f} MiB, {self.dtype})")
+
+    def _params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        params = dict(model.named_parameters())
+        out = {}
+        for name, t in self.terms.items():
+            p = params.get(name)
+            if p is None:
+                raise KeyError(f"anchor matrix {name} is not a parameter of this model; build the anchor from the "
+                               "same model architecture (PEFT-wrapped models use RotationAnchor on the effective "
+                               "weight, see methods/rpsft_lora.py)")
+            if tuple(p.shape) != t.shape:
+                raise ValueError(f"anchor matrix {name} has shape {t.shape} but the model's is {tuple(p.shape)}")
+            out[name] = p
+        return out
+
+    # ------------------------------------------------------------------ the math
+    def _residual(self, t: _Term, W: torch.Tensor) -> torch.Tensor:
+        """A = U_kᵀ W V_k − diag σ_k (k×k), or W − W0 at full rank; in self.dtype."""
+        W = W.to(self.dtype)
+        if t.full:
+            return W - t.W0
+        m, n = t.shape
+        # associate so the second product is over the smaller side: (UᵀW)V costs k²n, Uᵀ(WV) costs k²m
+        A = (t.U.T @ W) @ t.V if n <= m else t.U.T @ (W @ t.V)
+        return A - torch.diag_embed(t.S)
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        """R = Σ ‖A‖²_F as a differentiable scalar (autograd path; training uses accumulate_grad_)."""
+        params = self._params(model)
+        total = None
+        for name, t in self.terms.items():
+            r = self._residual(t, params[name]).pow(2).sum()
+            total = r if total is None else total + r
+        if total is None:
+            return torch.zeros((), dtype=self.dtype)
+        return total
+
+    @torch.no_grad()
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
+        """Add ``weight · ∇R`` to each anchored parameter's ``.grad`` in closed form; return R (unweighted).
+
+        ∇R = 2·U_k A V_kᵀ (2·(W − W0) at full rank). One pass: ≈ 4·m·n·k FLOP per matrix, no autograd graph.
+        """
+        params = self._params(model)
+        sq = []
+        for name, t in self.terms.items():
+            p = params[name]
+            A = self._residual(t, p.detach())
+            sq.append(A.pow(2).sum())
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            m, n = t.shape
+            if t.full:
+                G = A
+            else:
+                G = (t.U @ A) @ t.V.T if m <= n else t.U @ (A @ t.V.T)
+            p.grad.add_(G.to(p.grad.dtype), alpha=2.0 * weight)
+        if not sq:
+            self.last_sq = {}
+            return 0.0
+        values = torch.stack(sq).double().cpu()  # one device sync per step, not one per matrix
+        self.last_sq = dict(zip(self.terms, values.tolist()))
+        return float(values.sum())
+
+    @torch.no_grad()
+    def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """Per matrix: ``abs`` = ‖A‖_F, ``rel`` = ‖A‖_F / ‖σ_k‖ (‖W−W0‖/‖W0‖ at full rank), ``k``, ``type``."""
+        params = self._params(model)
+        out = {}
+        for name, t in self.terms.items():
+            a = float(self._residual(t, params[name].detach()).double().pow(2).sum().sqrt())
+            out[name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(name)}
+        return out
+
+    def relative_drift_by_type(self, sq: dict[str, float] | None = None) -> dict[str, float]:
+        """Mean relative drift ‖A‖/‖σ_k‖ per matrix type, from ``sq`` (default: the last accumulate_grad_)."""
+        sq = self.last_sq if sq is None else sq
+        sums: dict[str, list[float]] = {}
+        for name, v in sq.items():
+            rel = (max(v, 0.0) / max(self.terms[name].ref_sq, 1e-30)) ** 0.5
+            sums.setdefault(matrix_type(name), []).append(rel)
+        return {k: sum(v) / len(v) for k, v in sorted(sums.items())}

@@ -1,0 +1,174 @@
+"""Top-k spectral bases of a pretrained weight: U_k (m×k), σ_k (k), V_k (n×k).
+
+Three solvers:
+
+* ``exact`` (default) — ``torch.linalg.svd``; the only one that is right on flat spectra.
+* ``gram`` — eigh of the smaller Gram matrix (WᵀW or WWᵀ); about as accurate for the top of the spectrum
+  (the squared condition number only hurts the small singular values we do not keep) and often faster.
+* ``randomized`` — ``torch.svd_lowrank`` with ``niter`` power iterations. On SmolLM2 the spectrum is flat
+  (σ_k/σ_{k+1} ≈ 1.003), so the top-k subspace from a few iterations is badly wrong; callers should check
+  :func:`subspace_overlap` against exact (see benchmarks/precompute.py) before using it.
+
+Whatever the solver, σ is then refined as the Rayleigh quotient diag(U_kᵀ W0 V_k), accumulated in fp64: for the
+fp32-rounded U_k, V_k actually stored this is the value that makes A = U_kᵀ W0 V_k − diag σ_k vanish on its
+diagonal, so the penalty at initialisation is fp32 round-off of the off-diagonal only.
+
+Bases are cached on disk (safetensors), keyed by a SHA-256 fingerprint of the weight bytes. A cache entry stores
+the largest k computed so far; a smaller k is a prefix of it (nested-k reuse: top-256 ⊂ top-768). An entry whose
+recorded fingerprint, shape or solver does not match is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("exact", "gram", "randomized")
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class Bases:
+    U: torch.Tensor  # m×k, fp32, orthonormal columns
+    S: torch.Tensor  # k, fp32 (Rayleigh-refined singular values)
+    V: torch.Tensor  # n×k, fp32
+
+    @property
+    def k(self) -> int:
+        return self.S.numel()
+
+    def prefix(self, k: int) -> "Bases":
+        return Bases(self.U[:, :k].contiguous(), self.S[:k].contiguous(), self.V[:, :k].contiguous())
+
+
+def fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 of the weight's dtype, shape and bytes: any change to W0 gives a new cache key."""
+    w = weight.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{w.dtype}|{tuple(w.shape)}|".encode())
+    # view as bytes (works for bf16 too, which numpy cannot represent)
+    h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return h.hexdigest()
+
+
+def _refine_sigma(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """σ_i = u_iᵀ W v_i in fp64 with the fp32-rounded vectors that will be stored (see module docstring)."""
+    U64, V64 = U.float().double(), V.float().double()
+    return ((U64.T @ W.double()) * V64.T).sum(dim=1).float()
+
+
+def compute_bases(weight: torch.Tensor, k: int, solver: str = "exact", niter: int = 8,
+                  oversample: int = 16, seed: int = 0) -> Bases:
+    """Top-``k`` singular triplets of ``weight`` (computed in fp32 or better, on the weight's device)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown SVD solver {solver!r}; choose one of {SOLVERS}")
+    m, n = weight.shape
+    if not 0 < k <= min(m, n):
+        raise ValueError(f"k={k} must be in 1..min(m, n)={min(m, n)} for a {m}×{n} matrix")
+    W = weight.detach().float()
+    if solver == "exact":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, V = U[:, :k], Vh[:k].T
+    elif solver == "gram":
+        # eigh of the smaller Gram matrix in fp64: squaring the condition number costs only the tail we discard.
+        W64 = W.double()
+        if m >= n:
+            evals, evecs = torch.linalg.eigh(W64.T @ W64)
+            V = evecs[:, -k:].flip(1)
+            S = evals[-k:].flip(0).clamp_min(0).sqrt()
+            U = (W64 @ V) / S.clamp_min(torch.finfo(torch.float64).tiny)
+        else:
+            evals, evecs = torch.linalg.eigh(W64 @ W64.T)
+            U = evecs[:, -k:].flip(1)
+            S = evals[-k:].flip(0).clamp_min(0).sqrt()
+            V = (W64.T @ U) / S.clamp_min(torch.finfo(torch.float64).tiny)
+        U, V = U.float(), V.float()
+    else:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)  # reproducible sketches without disturbing the caller's RNG stream
+        try:
+            U, S, V = torch.svd_lowrank(W, q=min(k + oversample, min(m, n)), niter=niter)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        U, V = U[:, :k], V[:, :k]
+    U, V = U.contiguous().float(), V.contiguous().float()
+    return Bases(U, _refine_sigma(W, U, V), V)
+
+
+def subspace_overlap(A: torch.Tensor, B: torch.Tensor) -> float:
+    """‖AᵀB‖²_F / k for orthonormal m×k A, B: 1 for the same subspace, k/m for random ones."""
+    return float((A.double().T @ B.double()).pow(2).sum() / A.shape[1])
+
+
+class BasesCache:
+    """On-disk cache of bases, one safetensors file per weight fingerprint."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root).expanduser() if root is not None else None
+
+    def _path(self, fp: str, solver: str) -> Path:
+        return self.root / f"{fp[:40]}-{solver}.safetensors"
+
+    def load(self, fp: str, shape: tuple[int, int], k: int, solver: str) -> Bases | None:
+        if self.root is None:
+            return None
+        path = self._path(fp, solver)
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                stored_k = int(meta.get("k", -1))
+                ok = (meta.get("fingerprint") == fp and meta.get("shape") == f"{shape[0]}x{shape[1]}"
+                      and meta.get("solver") == solver and meta.get("format") == FORMAT_VERSION)
+                if not ok:
+                    log.warning("bases cache %s does not match this weight (fingerprint/shape/solver); recomputing",
+                                path)
+                    return None
+                if stored_k < k:
+                    return None
+                b = Bases(f.get_tensor("U"), f.get_tensor("S"), f.get_tensor("V"))
+        except Exception as e:  # a torn or foreign file is a cache miss, never a crash or a silent use
+            log.warning("unreadable bases cache %s (%s); recomputing", path, e)
+            return None
+        if b.U.shape != (shape[0], stored_k) or b.V.shape != (shape[1], stored_k) or b.S.shape != (stored_k,):
+            log.warning("bases cache %s has wrong tensor shapes; recomputing", path)
+            return None
+        return b.prefix(k)
+
+    def save(self, fp: str, shape: tuple[int, int], solver: str, b: Bases) -> None:
+        if self.root is None:
+            return
+        from safetensors.torch import save_file
+
+        from .io import atomic_path
+
+        meta = {"fingerprint": fp, "shape": f"{shape[0]}x{shape[1]}", "k": str(b.k), "solver": solver,
+                "format": FORMAT_VERSION}
+        with atomic_path(self._path(fp, solver)) as tmp:
+            save_file({"U": b.U.cpu().contiguous(), "S": b.S.cpu().contiguous(), "V": b.V.cpu().contiguous()},
+                      str(tmp), metadata=meta)
+
+
+def get_bases(weight: torch.Tensor, k: int, solver: str = "exact", cache: BasesCache | None = None,
+              niter: int = 8, fp: str | None = None) -> Bases:
+    """Cached top-k bases of ``weight``. ``fp`` may be passed when the fingerprint is already known."""
+    cache = cache or BasesCache(None)
+    shape = tuple(weight.shape)
+    tag = solver if solver != "randomized" else f"randomized{niter}"  # a different niter is a different basis
+    if cache.root is not None:
+        fp = fp or fingerprint(weight)
+        hit = cache.load(fp, shape, k, tag)
+        if hit is not None:
+            return hit
+    b = compute_bases(weight, k, solver=solver, niter=niter)
+    if cache.root is not None:
+        cache.save(fp, shape, tag, b)
+    return b

@@ -1,0 +1,133 @@
+"""``rpsft`` command line: train | data | methods | eval | analyze | rl | bench | compare.
+
+Heavy imports (torch, transformers) happen inside the commands so that ``rpsft --help`` is instant. Expected
+failures (bad config, bad data, missing files) print one clear message and exit with status 2; set
+``RPSFT_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Rotation-Preserving Supervised Fine-Tuning (RPSFT) on the Hugging Face stack.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Built-in data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)
+
+
+def friendly_errors(fn):
+    """Turn expected user errors into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            if os.environ.get("RPSFT_DEBUG"):
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/demo.yaml)."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key: --set anchor.rank=128"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run: 'latest' or a checkpoint dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in output_dir first."),
+):
+    """Fine-tune a model (method=sft|rpsft|l2init|dft|iw|lora|rpsft_lora|osf)."""
+    from .config import load_config
+    from .train import train as run_train
+
+    cfg = load_config(config, set_)
+    console.print(f"[bold]rpsft train[/bold] method={cfg.method} model={cfg.model.name} data={cfg.data.train} "
+                  f"-> {cfg.output_dir}", highlight=False)
+    summary = run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+    a = summary["anchor"]
+    console.print(f"[green]done[/green] {summary['global_step']} steps in {summary['train_seconds']:.0f}s, "
+                  f"mean train loss {summary['train_loss']:.4f}", highlight=False)
+    if a:
+        console.print(f"anchor: {a['matrices']} matrices, k={a['ranks']}, {a['nbytes'] / 2**20:.1f} MiB, "
+                      f"final R={a['final_penalty']:.3e}", highlight=False)
+    out = Path(summary["output_dir"])
+    console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
+                  f"metrics:    {out / 'metrics.jsonl'}\nconfig:     {out / 'config.yaml'}\n"
+                  f"summary:    {out / 'run.json'}", highlight=False)
+
+
+@data_app.command("synth-math")
+@friendly_errors
+def synth_math(
+    out: Path = typer.Option(Path("data/synth-math"), "--out", help="Directory for train.jsonl and test.jsonl."),
+    n_train: int = typer.Option(2000, "--train", help="Training problems."),
+    n_test: int = typer.Option(200, "--test", help="Held-out problems (disjoint questions)."),
+    seed: int = typer.Option(0, "--seed", help="Generation seed (same seed, same files)."),
+):
+    """Write the built-in multi-step arithmetic word problems (solutions end in \\boxed{N})."""
+    from .data.synthetic_math import write_splits
+
+    paths = write_splits(out, n_train=n_train, n_test=n_test, seed=seed)
+    print(f"wrote {n_train} train -> {paths['train']}\nwrote {n_test} test  -> {paths['test']}")
+
+
+@app.command()
+def methods():
+    """List the training methods."""
+    from rich.table import Table
+
+    from .methods import REGISTRY, available
+
+    table = Table("method", "anchor", "what it is", "extra memory")
+    for name in available():
+        m = REGISTRY[name]
+        table.add_row(name, m.anchor, m.summary, m.extra_memory)
+    Console().print(table)
+
+
+def _register_optional() -> None:
+    """Commands whose modules live in their own packages (each imports cheaply)."""
+    try:
+        from .eval.cli import eval_command
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("rpsft"):
+            raise
+    else:
+        app.command("eval", help=eval_command.__doc__)(friendly_errors(eval_command))
+    for module, name in (("analysis", "analyze"), ("rl_cli", "rl"), ("bench_cli", "bench"),
+                         ("compare_cli", "compare")):
+        try:
+            mod = __import__(f"rpsft.{module}", fromlist=["app"]) if module != "analysis" else \
+                __import__("rpsft.analysis.cli", fromlist=["app"])
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("rpsft"):
+                raise
+            continue
+        sub = getattr(mod, "app", None)
+        if sub is not None:
+            app.add_typer(sub, name=name)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""One configuration schema for the CLI and the library: dataclasses, a YAML file, and ``--set a.b=c`` overrides.
+
+Unknown keys are errors (with the closest valid key), values are coerced to the field's type, and the resolved
+configuration is written next to every run so that it can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .selection import DEFAULT_TARGETS
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # embedded name, checkpoint directory, or hub id
+    dtype: str = "float32"  # weights are kept in fp32: Adam updates at lr 1e-6 vanish in bf16 weights
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/synth-math/train.jsonl"
+    eval: str | None = None
+    max_length: int = 512
+    limit: int | None = None  # use only the first N training rows
+    split: str = "train"  # for hub datasets
+
+
+@dataclass
+class AnchorConfig:
+    enabled: bool | None = None  # None: on for methods that need it (rpsft, l2init, rpsft_lora)
+    rank: Any = 768  # int k, fraction of min(m, n), mapping pattern -> k, or "@ranks.json"
+    lam: float = 1.0  # λ of Eq. 4
+    period: int = 1  # apply every `period` optimizer steps (Algorithm 1's s)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    layers: Any = None  # None = all, or "0-9,20" / [0, 1]
+    svd: str = "exact"  # exact | gram | randomized
+    niter: int = 8  # power iterations for svd=randomized
+    dtype: str = "float32"  # precision of bases and penalty (float64 for the precision study)
+    cache_dir: str | None = None  # default: <cache root>/bases
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-6
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 4  # per device
+    grad_accum: int = 4
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    seed: int = 42
+    bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
+    gradient_checkpointing: bool | None = None  # None: off on CPU (no memory pressure, ~30% slower)
+    loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
+
+
+@dataclass
+class LoraSection:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    merge: bool = True  # also export a merged full checkpoint
+
+
+@dataclass
+class IWSection:
+    temperature: float = 1.0  # T in w = min(exp(T · mean_t[log p_θ − log p_ref]), w_max)
+    w_max: float = 16.0
+    detach: bool = True
+
+
+@dataclass
+class OSFSection:
+    effective_rank: Any = None  # PEFT OSFConfig.effective_rank (None: PEFT's default, half of min(m, n))
+
+
+@dataclass
+class Config:
+    method: str = "rpsft"
+    output_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    iw: IWSection = field(default_factory=IWSection)
+    osf: OSFSection = field(default_factory=OSFSection)
+
+
+# Short spellings users reach for; each maps to its one real key.
+ALIASES = {"rank": "anchor.rank", "k": "anchor.rank", "lam": "anchor.lam", "lambda": "anchor.lam",
+           "period": "anchor.period", "lr": "train.lr", "max_steps": "train.max_steps", "seed": "train.seed"}
+
+
+def _keys(cls) -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, type) and dataclasses.is_dataclass(f.type)):
+            out += [f"{f.name}.{k}" for k in _keys(f.type)]
+        else:
+            out.append(f.name)
+    return out
+
+
+def all_keys() -> list[str]:
+    return _keys(_resolved(Config))
+
+
+def _resolved(cls):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+    return cls
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML/CLI value to the field's annotated type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys() + list(ALIASES), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} Valid keys: {', '.join(all_keys())}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    cls = _resolved(cls)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in fields:
+            raise _unknown(key)
+        f = fields[k]
+        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
+            kwargs[k] = _build(f.type, v or {}, key + ".")
+        else:
+            kwargs[k] = _coerce(v, f.type, key)
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """YAML for a CLI value, plus numbers YAML 1.1 leaves as strings (``1e-6``)."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, str):
+        for conv in (int, float):
+            try:
+                return conv(v)
+            except ValueError:
+                pass
+    return v
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides (dotted keys, aliases allowed) to a nested config dict in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set anchor.rank=128")
+        key, text = item.split("=", 1)
+        key = ALIASES.get(key.strip(), key.strip())
+        if key not in all_keys():
+            raise _unknown(key)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    apply_overrides(data, overrides or [])
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t, a = cfg.train, cfg.anchor
+    checks = [
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
+        (a.period >= 1, f"anchor.period must be >= 1 (apply every s optimizer steps), got {a.period}"),
+        (a.lam >= 0, f"anchor.lam must be >= 0, got {a.lam}"),
+        (a.svd in ("exact", "gram", "randomized"), f"anchor.svd must be exact, gram or randomized, got {a.svd!r}"),
+        (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,145 @@
+"""Read training data in any of the common chat-SFT shapes and normalise it once.
+
+Accepted row shapes (JSONL, JSON list, or a Hugging Face dataset):
+
+* ``{"messages": [{"role", "content"}, ...]}`` — the last assistant turn is the completion;
+* ``{"prompt": str | messages, "completion": str | messages}``;
+* ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`` (ShareGPT);
+* ``{"question": str, "answer": str}`` (GSM8K; the ``#### N`` line becomes ``\\boxed{N}``).
+
+The internal form is TRL's *conversational prompt-completion*: ``{"prompt": [messages...], "completion":
+[{"role": "assistant", "content": ...}]}``. TRL then computes the loss on completion tokens only, through the
+model's chat template. Earlier assistant turns of a multi-turn ``messages`` row stay in the prompt and are
+not trained on (SmolLM2's template has no ``{% generation %}`` markers for assistant-only masks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                "model": "assistant", "system": "system"}
+
+
+class DataFormatError(ValueError):
+    """A row that cannot be normalised; the message names the file, the line and what is missing."""
+
+
+def _where(source: str, line: int | None) -> str:
+    return f"{source}:{line}" if line is not None else source
+
+
+def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        return [_message(m, where, f"{field}[{i}]") for i, m in enumerate(value)]
+    raise DataFormatError(f"{where}: field {field!r} must be a non-empty string or list of messages, got {value!r:.80}")
+
+
+def _message(m: Any, where: str, field: str) -> dict:
+    if not isinstance(m, dict):
+        raise DataFormatError(f"{where}: {field} must be an object with 'role' and 'content', got {m!r:.80}")
+    role = m.get("role", m.get("from"))
+    content = m.get("content", m.get("value"))
+    if role is None or content is None:
+        missing = "role" if role is None else "content"
+        raise DataFormatError(f"{where}: {field} has no {missing!r} (or ShareGPT 'from'/'value')")
+    if str(role).lower() not in ROLE_ALIASES:
+        raise DataFormatError(f"{where}: {field} has unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}")
+    if not isinstance(content, str):
+        raise DataFormatError(f"{where}: {field} content must be a string, got {type(content).__name__}")
+    return {"role": ROLE_ALIASES[str(role).lower()], "content": content}
+
+
+def gsm8k_solution(answer: str) -> tuple[str, str]:
+    """Split a GSM8K answer into (worked solution ending in \\boxed{N}, N)."""
+    body, _, final = answer.rpartition("####")
+    final = final.strip().replace(",", "")
+    body = re.sub(r"<<[^>]*>>", "", body).strip()  # the calculator annotations are not natural text
+    return f"{body}\nThe answer is $\\boxed{{{final}}}$.", final
+
+
+def normalize_row(row: Any, source: str = "<data>", line: int | None = None) -> dict:
+    """One row of any accepted shape -> ``{"prompt": [...], "completion": [...]}`` (extra fields are dropped)."""
+    where = _where(source, line)
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: each row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row or "conversations" in row:
+        field = "messages" if "messages" in row else "conversations"
+        msgs = _as_messages(row[field], "user", where, field)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise DataFormatError(f"{where}: {field!r} has no assistant turn to train on")
+        if last == 0 or not any(m["role"] == "user" for m in msgs[:last]):
+            raise DataFormatError(f"{where}: {field!r} has no user turn before the last assistant turn")
+        return {"prompt": msgs[:last], "completion": [msgs[last]]}
+    if "prompt" in row and "completion" in row:
+        prompt = _as_messages(row["prompt"], "user", where, "prompt")
+        completion = _as_messages(row["completion"], "assistant", where, "completion")
+        if [m["role"] for m in completion] != ["assistant"] * len(completion):
+            raise DataFormatError(f"{where}: 'completion' must contain assistant messages only")
+        return {"prompt": prompt, "completion": completion}
+    if "question" in row and "answer" in row:
+        solution, _ = gsm8k_solution(str(row["answer"]))
+        return {"prompt": [{"role": "user", "content": str(row["question"])}],
+                "completion": [{"role": "assistant", "content": solution}]}
+    keys = sorted(row)[:8]
+    raise DataFormatError(
+        f"{where}: row has none of the accepted shapes; expected 'messages', 'prompt'+'completion', "
+        f"'conversations' (ShareGPT) or 'question'+'answer' (GSM8K), found keys {keys}"
+    )
+
+
+def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[Any, int | None]]:
+    """Yield ``(row, line_number)`` from a JSONL/JSON file or, failing that, a Hugging Face dataset name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rows, list):
+                raise DataFormatError(f"{path}: a .json data file must hold a list of rows")
+            for i, row in enumerate(rows):
+                yield row, i + 1
+            return
+        with path.open() as f:
+            for n, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    yield json.loads(text), n
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
+        return
+    if path.is_dir() or str(source).endswith((".jsonl", ".json")):
+        raise FileNotFoundError(f"data file {source} does not exist (generate the built-in data with "
+                                f"`rpsft data synth-math`, or point data.train at a JSONL file)")
+    import datasets  # a hub dataset name; only reachable where a hub is
+
+    for i, row in enumerate(datasets.load_dataset(str(source), split=split)):
+        yield row, i + 1
+
+
+def load_records(source: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Normalised ``{"prompt", "completion"}`` records from ``source`` (first ``limit`` rows if given)."""
+    out = []
+    for row, line in iter_raw_rows(source, split):
+        out.append(normalize_row(row, str(source), line))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataFormatError(f"{source}: no rows")
+    return out
+
+
+def to_dataset(records: list[dict]):
+    """A ``datasets.Dataset`` in TRL's conversational prompt-completion form."""
+    import datasets
+
+    return datasets.Dataset.from_list(records)

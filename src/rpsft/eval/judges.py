@@ -1,0 +1,320 @@
+"""Judges: turn one completion into a verdict. Only the completion is ever read, never the prompt (the official
+prompts end in "(e.g., A)" and restate the boxed instruction, so any extraction that saw the prompt would grade
+the question instead of the answer).
+
+* math: the last ``\\boxed{}`` of the completion, compared with the gold answer by ``math-verify`` (gold first:
+  ``verify`` is asymmetric). Every math-verify phase runs under a timeout, so a pathological answer (a 10^6-digit
+  power, a nested radical sympy cannot simplify) costs at most a few seconds and is graded wrong, never hangs.
+* multiple choice: a letter from the completion (boxed first, then "answer is X" style phrases, then a bare
+  letter), restricted to the options that exist.
+* IFEval: ``if-verifiable``'s checkers, loose mode (the paper's IFEval-loose: a prompt passes when every
+  instruction passes on some loose transformation of the response).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import string
+import threading
+from typing import Any
+
+LETTERS = string.ascii_uppercase
+
+# --------------------------------------------------------------------------------------------------- boxed
+
+
+def _balanced(text: str, start: int) -> tuple[str, int] | None:
+    """``text[start] == '{'``: return (content, index after the closing brace), or None if never closed."""
+    depth = 0
+    for i in range(start, len(text)):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+            continue  # an escaped brace \{ or \} is content, not structure
+        if c == "{" and (i == 0 or text[i - 1] != "\\"):
+            depth += 1
+        elif c == "}" and (i == 0 or text[i - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i], i + 1
+    return None
+
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)")
+
+
+def extract_boxed(text: str | None) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``, or ``\\boxed 5``) in ``text``.
+
+    Nested braces are handled (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``). A box left open by truncation is
+    skipped in favour of the last complete one; no box at all gives None."""
+    if not text:
+        return None
+    for m in reversed(list(_BOX_RE.finditer(text))):
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            got = _balanced(text, j)
+            if got is not None:
+                return got[0].strip()
+        elif j > m.end() and j < len(text):  # "\boxed 5": the argument is the next token
+            tok = re.match(r"[^\s$.,;]+", text[j:])
+            if tok:
+                return tok.group(0)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- math
+
+def _gold_str(gold: Any) -> str:
+    """Gold answers come as str, int (AMC) or a one-element list (OlympiadBench); several -> comma-joined."""
+    if isinstance(gold, (list, tuple)):
+        return ", ".join(_gold_str(g) for g in gold)
+    if isinstance(gold, float) and gold.is_integer():
+        return str(int(gold))
+    return str(gold).strip()
+
+
+def _strip_dollars(s: str) -> str:
+    s = s.strip()
+    while len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+        s = s[1:-1].strip()
+    return s
+
+
+def _plain(s: str) -> str:
+    """Cheap normal form for an exact-match fast path: no spaces, no $, no \\text{}, no trailing period."""
+    s = _strip_dollars(s)
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\[,;:! ]|\\left|\\right|\s+", "", s)
+    return s.rstrip(".").replace("dfrac", "frac").replace("tfrac", "frac")
+
+
+def _verify_inline(gold: str, pred: str, timeout_s: int) -> bool:
+    from math_verify import parse, verify
+
+    # Both sides are wrapped in \boxed{} so math-verify's boxed extraction (its highest priority) reads exactly
+    # the string given, not some other number inside it.
+    g = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout_s)
+    if not g:
+        return False
+    p = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout_s)
+    if not p:
+        return False
+    return bool(verify(g, p, timeout_seconds=timeout_s))
+
+
+# math-verify's timeouts are signal.alarm based and only work in the main thread; elsewhere (a reward function
+# called from a worker thread, a web server) we run it in one long-lived child process and kill that on timeout.
+_worker_lock = threading.Lock()
+_worker = None
+
+
+def _get_worker():
+    global _worker
+    if _worker is None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        _worker = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+    return _worker
+
+
+def _kill_worker() -> None:
+    global _worker
+    if _worker is not None:
+        for p in list(getattr(_worker, "_processes", {}).values()):
+            p.kill()
+        _worker.shutdown(wait=False, cancel_futures=True)
+        _worker = None
+
+
+def _verify_in_child(gold: str, pred: str, timeout_s: int) -> bool:
+    from concurrent.futures import TimeoutError as FutTimeout
+
+    with _worker_lock:
+        fut = _get_worker().submit(_verify_inline, gold, pred, timeout_s)
+        try:
+            # three timed phases (parse gold, parse pred, verify) plus the child's first import of sympy
+            return bool(fut.result(timeout=3 * timeout_s + 30))
+        except FutTimeout:
+            logging.getLogger(__name__).warning("math judge timed out on %r; graded wrong", pred[:80])
+            _kill_worker()
+            return False
+        except Exception:  # noqa: BLE001 - a judge error is a wrong answer, never a crashed run
+            return False
+
+
+def math_equal(gold: Any, pred: str, timeout_s: float = 5.0) -> bool:
+    """Is ``pred`` (an extracted answer) equal to ``gold`` for math-verify? Bounded time; errors -> False."""
+    gold_s = _strip_dollars(_gold_str(gold))
+    pred = _strip_dollars(pred)
+    if not gold_s or not pred:
+        return False
+    if _plain(gold_s) == _plain(pred):
+        return True
+    t = max(1, int(math.ceil(timeout_s)))
+    if threading.current_thread() is threading.main_thread():
+        try:
+            return _verify_inline(gold_s, pred, t)
+        except Exception:  # noqa: BLE001 - includes math-verify's TimeoutException
+            return False
+    return _verify_in_child(gold_s, pred, t)
+
+
+def math_correct(completion: str, gold: Any, timeout_s: float = 5.0) -> bool:
+    """Is the last ``\\boxed{}`` of ``completion`` mathematically equal to ``gold``?
+
+    Gold is parsed first (math-verify's ``verify(gold, pred)`` is asymmetric). No box -> False. Never hangs:
+    each math-verify phase is bounded by ``timeout_s`` seconds (signal alarm in the main thread, a killable
+    child process elsewhere). This is also the RL reward (issue: RL with DAPO)."""
+    pred = extract_boxed(_after_think(completion))
+    if pred is None:
+        return False
+    return math_equal(gold, pred, timeout_s)
+
+
+_NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(completion: str) -> str | None:
+    """The last number in the completion (commas dropped): GSM8K's customary "flexible" extraction."""
+    nums = _NUM_RE.findall(_after_think(completion or ""))
+    if not nums:
+        return None
+    return nums[-1].replace(",", "").rstrip(".")
+
+
+def _after_think(text: str) -> str:
+    """Reasoning models wrap their scratchpad in <think>...</think>; the answer is what follows."""
+    return text.rsplit("</think>", 1)[-1] if text and "</think>" in text else (text or "")
+
+
+# ---------------------------------------------------------------------------------------- multiple choice
+
+def _clean_box(s: str) -> str:
+    s = re.sub(r"\\(?:text|textbf|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r"\1", s)
+    return s.replace("$", "").strip().strip("{}").strip()
+
+
+def mcq_letter(completion: str, n_options: int) -> str | None:
+    """The option letter the completion commits to, or None. Only letters of existing options count
+    (``n_options=4`` -> A-D). Looked for, in order: the last ``\\boxed{}``; the last "answer is X" /
+    "Answer: X" / "option X" phrase; a completion that is just a letter; a line starting "X." or "(X)"."""
+    if n_options < 1:
+        raise ValueError(f"n_options must be >= 1, got {n_options}")
+    valid = LETTERS[: min(n_options, 26)]
+    text = _after_think(completion or "")
+    cls = f"[{valid}]"
+    # 1. the box, as the official prompts ask: \boxed{C}, \boxed{(C)}, \boxed{C. Planetary days ...}
+    box = extract_boxed(text)
+    if box is not None:
+        m = re.fullmatch(rf"\(?({cls})\)?(?:[.:)]\s*.*)?", _clean_box(box), flags=re.S)
+        if m:
+            return m.group(1)
+    # 2. explicit commitments; the letter itself is case-sensitive so the article "a" never counts
+    phrases = [
+        rf"(?i:\banswer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*(?:[:=]\s*)?(?i:option\s+|choice\s+)?"
+        rf"\**\(?({cls})\)?\**(?![A-Za-z0-9])",
+        rf"(?i:\b(?:option|choice))\s*\(?({cls})\)?\s+(?i:is\s+(?:the\s+)?correct)",
+        rf"(?i:\bcorrect\s+(?:option|choice|answer|letter))\s*(?i:is)?\s*[:=]?\s*\**\(?({cls})\)?\**(?![A-Za-z0-9])",
+    ]
+    for pat in phrases:
+        hits = re.findall(pat, text)
+        if hits:
+            return hits[-1]
+    # 3. the whole completion is a letter: "C", "(C)", "C."
+    m = re.fullmatch(rf"\s*\**\(?({cls})\)?[.:)]?\**\s*", text)
+    if m:
+        return m.group(1)
+    # 4. the first or last line restates an option: "C. Planetary days will become shorter."
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for line in (lines[:1] + lines[-1:]) if lines else []:
+        m = re.match(rf"\**\(?({cls})(?:\)|\.|:)\**(?:\s|$)", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def mcq_options(user_prompt: str) -> list[str]:
+    """Option texts from the official prompt layout: a "Choices:" line, then "A. ...", "B. ..." lines."""
+    part = user_prompt.rsplit("Choices:", 1)[-1] if "Choices:" in user_prompt else user_prompt
+    opts: list[str] = []
+    for line in part.splitlines():
+        m = re.match(r"\s*([A-Z])[.)]\s?(.*)$", line)
+        if m and m.group(1) == LETTERS[len(opts)]:
+            opts.append(m.group(2).strip())
+        elif opts and line.strip() and not line.lstrip().startswith("Please answer"):
+            if not re.match(r"\s*[A-Z][.)]", line):
+                opts[-1] += "\n" + line.strip()  # an option that spans several lines
+        elif opts and line.lstrip().startswith("Please answer"):
+            break
+    return opts
+
+
+# -------------------------------------------------------------------------------------------------- ifeval
+
+def _ifeval_kwargs(kwargs: dict | None) -> dict:
+    """The official file stores every kwarg of every checker, mostly null, and counts as floats (3.0);
+    if-verifiable's checkers index and compare with them, so drop the nulls and make whole floats ints."""
+    out = {}
+    for k, v in (kwargs or {}).items():
+        if v is None:
+            continue
+        out[k] = int(v) if isinstance(v, float) and v.is_integer() else v
+    return out
+
+
+_ifeval_ready = False
+
+
+def _prepare_ifeval() -> None:
+    """if-verifiable tokenizes with NLTK's punkt, whose data is a separate download that offline machines lack.
+    Without it: sentence counting uses an untrained PunktSentenceTokenizer (same algorithm, default
+    parameters) and word tokenization skips the sentence split (``preserve_line=True``), which only counts
+    words, so the difference is immaterial. Patched inside if-verifiable's util module only."""
+    global _ifeval_ready
+    if _ifeval_ready:
+        return
+    import types
+
+    import nltk
+    from if_verifiable.ifeval import instructions_util as util
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        nltk.data.find("tokenizers/punkt/english.pickle")
+    except LookupError:
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+        shim = types.SimpleNamespace(**{k: getattr(nltk, k) for k in dir(nltk) if not k.startswith("__")})
+        shim.word_tokenize = lambda text, language="english", preserve_line=True: nltk.word_tokenize(
+            text, language, preserve_line=True)
+        util.nltk = shim
+        tokenizer = PunktSentenceTokenizer()
+        util._get_sentence_tokenizer = lambda: tokenizer
+    _ifeval_ready = True
+
+
+def ifeval_loose(completion: str, instructions: list[dict], prompt: str = "") -> tuple[bool, list[dict]]:
+    """IFEval loose, prompt level: True when every instruction passes (loose). Also the per-instruction
+    results ``[{"instruction_id", "strict", "loose"}]``. Unknown instruction ids are an error (a silently
+    skipped instruction would inflate the score)."""
+    _prepare_ifeval()
+    from if_verifiable.common import evaluate_instructions
+    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    ids = [i["instruction_id"] for i in instructions]
+    unknown = [i for i in ids if i not in INSTRUCTION_DICT]
+    if unknown:
+        raise ValueError(f"unknown IFEval instruction ids {unknown}; if-verifiable knows {len(INSTRUCTION_DICT)}")
+    if not ids:
+        raise ValueError("an IFEval row needs a non-empty 'instructions' list")
+    results, scores = evaluate_instructions(
+        response=_after_think(completion), instruction_id_list=ids,
+        kwargs_list=[_ifeval_kwargs(i.get("kwargs")) for i in instructions], prompt=prompt,
+        instruction_registry=INSTRUCTION_DICT)
+    details = [{"instruction_id": r.instruction_id, "strict": r.strict_pass, "loose": r.loose_pass} for r in results]
+    return bool(scores.binary_loose == 1.0 and len(results) == len(ids)), details

@@ -1,0 +1,65 @@
+"""Training-method registry: ``rpsft train --set method=NAME``.
+
+A method says whether it uses the rotation anchor, how it adjusts TRL's ``SFTConfig``, how it wraps the model
+(PEFT), and what it exports after training. Each method lives in its own small module and registers itself here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Method:
+    name: str
+    summary: str
+    anchor: str = "off"  # "off": refuses an anchor; "on": needs it; "full": anchor at k = min(m, n); "optional"
+    sft_overrides: dict = field(default_factory=dict)  # SFTConfig fields this method sets (e.g. loss_type)
+    prepare_model: Callable[[Any, Any], Any] | None = None  # (model, cfg) -> model, e.g. a PEFT wrap
+    trainer_class: Callable[[], type] | None = None  # lazy: returns the trainer class to use
+    finalize: Callable[[Any, Any, Any], dict] | None = None  # (trainer, cfg, out_dir) -> extra run info
+    extra_memory: str = "none"  # what the method keeps beyond the model + optimizer (docs, bench)
+
+    def anchor_enabled(self, requested: bool | None) -> bool:
+        if self.anchor in ("on", "full"):
+            if requested is False:
+                raise ValueError(f"method {self.name!r} is defined by its anchor; anchor.enabled=false makes it "
+                                 "plain SFT — use method=sft instead")
+            return True
+        if self.anchor == "off":
+            if requested:
+                raise ValueError(f"method {self.name!r} cannot be combined with the rotation anchor "
+                                 f"(anchor.enabled=true); drop the override or pick a method that allows it")
+            return False
+        return bool(requested)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    _load_builtin()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(REGISTRY)
+
+
+def _load_builtin() -> None:
+    from . import sft, rpsft, l2init  # noqa: F401  (each module registers itself)
+    for optional in ("dft", "iw", "lora", "rpsft_lora", "osf"):
+        try:
+            __import__(f"{__name__}.{optional}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{optional}":
+                raise

@@ -1,0 +1,263 @@
+"""``rpsft train``: a TRL SFTTrainer that applies the rotation anchor once per optimizer step.
+
+Where the anchor goes (Algorithm 1). The paper's objective per optimizer step is L_task + λ·R. Adding λ·R to every
+micro-batch loss (the authors' way) builds an autograd graph for R and recomputes it grad_accum times. R does not
+depend on the batch, so its gradient is the same closed form 2λ·U_k A V_kᵀ whatever the batch: we add it to
+``.grad`` once, on the last micro-batch of each accumulation window — after every micro-batch's backward (and,
+under DDP, after the all-reduce that backward performs) and before ``Trainer`` clips gradients. That is exactly
+the gradient of L_task + λR (tests/test_train.py checks parameters after a step against the per-micro-batch
+form), at ≈ 4·m·n·k FLOP per matrix per step instead of grad_accum autograd passes.
+
+Why a ``training_step`` override and not a callback: ``on_pre_optimizer_step`` fires *after* clipping in
+transformers 5, and the clipped gradient must include the anchor. ``training_step`` is the documented override
+point, and ``accelerator.sync_gradients`` tells us it is the last micro-batch of the window.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from . import io
+from .anchor import RotationAnchor
+from .config import Config, dump_yaml, to_dict
+from .models import cache_root, load_model, parse_dtype
+
+
+class AnchoredSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` + a :class:`RotationAnchor` applied once per optimizer step (every ``anchor_period`` steps)."""
+
+    def __init__(self, *args, anchor: RotationAnchor | None = None, anchor_weight: float = 1.0,
+                 anchor_period: int = 1, method_config: Config | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method_config = method_config  # the full run config, for methods with options of their own
+        self.anchor = anchor if anchor is not None and len(anchor) else None
+        self.anchor_weight = float(anchor_weight)
+        self.anchor_period = int(anchor_period)
+        self._penalties: list[float] = []
+        self._drift: dict[str, float] = {}
+        if self.anchor is not None and self.accelerator.distributed_type.name == "DEEPSPEED":
+            # DeepSpeed keeps gradients in its own partitioned buffers, so adding to .grad would be a silent no-op.
+            raise NotImplementedError(
+                "the rotation anchor adds its gradient to .grad, which DeepSpeed does not read; use DDP or FSDP2 "
+                "(accelerate configs in configs/accelerate/)"
+            )
+
+    def anchor_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if (self.anchor is not None and self.anchor_weight != 0.0 and self.accelerator.sync_gradients
+                and self.state.global_step % self.anchor_period == 0):
+            r = self.anchor.accumulate_grad_(self.anchor_model(), self.anchor_weight)
+            self._penalties.append(r)
+            self._drift = self.anchor.relative_drift_by_type()
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._penalties:
+            r = sum(self._penalties) / len(self._penalties)
+            logs["rpsft/penalty"] = r
+            logs["rpsft/weighted_penalty"] = self.anchor_weight * r
+            for t, v in self._drift.items():
+                logs[f"rpsft/drift/{t}"] = v
+            self._penalties.clear()
+        super().log(logs, start_time)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Every log line (loss, lr, grad norm, rpsft/*) appended to ``metrics.jsonl`` as it happens."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            io.append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar (steps, ETA, latest loss and penalty) in place of transformers' tqdm bar."""
+
+    def __init__(self, console=None):
+        self.console = console
+        self.progress = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("[bold]train[/bold] {task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                 TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("", total=state.max_steps or None, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, total=state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.progress is not None and logs and "loss" in logs:
+            desc = f"loss {logs['loss']:.4f}"
+            if "rpsft/penalty" in logs:
+                desc += f"  R {logs['rpsft/penalty']:.3e}"
+            self.progress.update(self.task, description=desc)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def build_sft_config(cfg: Config, output_dir: str | Path, **overrides: Any) -> SFTConfig:
+    """TRL ``SFTConfig`` from our config, with CPU-safe defaults (fp32, no gradient checkpointing, plain AdamW)."""
+    t = cfg.train
+    gpu = on_gpu()
+    bf16 = t.bf16 if t.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bool(bf16),
+        fp16=False,
+        gradient_checkpointing=bool(t.gradient_checkpointing),
+        use_cpu=not gpu,
+        report_to=[],
+        disable_tqdm=True,
+        max_length=cfg.data.max_length,
+        loss_type=t.loss_type,
+        dataloader_num_workers=0,
+        model_init_kwargs=None,
+    )
+    kwargs.update(overrides)
+    return SFTConfig(**kwargs)
+
+
+def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
+                 progress: bool = False) -> RotationAnchor:
+    a = cfg.anchor
+    cache = a.cache_dir if a.cache_dir is not None else str(cache_root() / "bases")
+    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n) = ‖W − W0‖² exactly
+    return RotationAnchor.from_model(model, rank=rank, targets=a.targets, layers=a.layers, svd=a.svd,
+                                     dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def _prepare_output(out: Path, resume: bool | str | None, overwrite: bool) -> Path | None:
+    """Decide the checkpoint to resume from; refuse to clobber an earlier run by accident."""
+    ckpt = None
+    if resume:
+        ckpt = Path(resume) if isinstance(resume, (str, Path)) and str(resume) not in ("True", "latest") \
+            else latest_checkpoint(out)
+        if ckpt is None or not (ckpt / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"nothing to resume: no checkpoint-N with trainer_state.json in {out}"
+                                    + (f" ({resume})" if isinstance(resume, str) else ""))
+        # drop log lines past the checkpoint so metrics.jsonl continues the same run without duplicates
+        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+        rows = [r for r in io.read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= step]
+        io.write_jsonl(out / "metrics.jsonl", rows)
+    elif out.exists() and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
+                                  "start again (or choose another output_dir)")
+        shutil.rmtree(out)
+    return ckpt
+
+
+def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False, console=None,
+          extra_callbacks: list | None = None, progress: bool = True) -> dict:
+    """Run one training job described by ``cfg``; returns the run summary (also written to run.json)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .data.formats import load_records, to_dataset
+    from .methods import get_method
+
+    method = get_method(cfg.method)
+    use_anchor = method.anchor_enabled(cfg.anchor.enabled)
+    out = Path(cfg.output_dir)
+    ckpt = _prepare_output(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "config.yaml", dump_yaml(cfg))
+
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    dataset = to_dataset(load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit))
+
+    t0 = time.perf_counter()
+    anchor = build_anchor(model, cfg, full_rank=method.anchor == "full", progress=progress) if use_anchor else None
+    anchor_s = time.perf_counter() - t0
+    if method.prepare_model is not None:
+        model = method.prepare_model(model, cfg)
+
+    args = build_sft_config(cfg, out, **method.sft_overrides)
+    trainer_cls = method.trainer_class() if method.trainer_class is not None else AnchoredSFTTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, anchor=anchor,
+                          anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg)
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(MetricsJsonlCallback(out / "metrics.jsonl"))
+    if progress:
+        trainer.add_callback(RichProgressCallback(console))
+    for cb in extra_callbacks or []:
+        trainer.add_callback(cb)
+
+    t1 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_s = time.perf_counter() - t1
+    trainer.save_model(str(out))
+    extra = method.finalize(trainer, cfg, out) if method.finalize is not None else {}
+
+    summary = {
+        "method": cfg.method,
+        "output_dir": str(out),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_seconds": round(train_s, 2),
+        "anchor_seconds": round(anchor_s, 2),
+        "anchor": None if anchor is None else {
+            "matrices": len(anchor), "nbytes": anchor.nbytes, "ranks": sorted(set(anchor.ranks.values())),
+            "lam": cfg.anchor.lam, "period": cfg.anchor.period,
+            "final_penalty": anchor.penalty(trainer.anchor_model()).item(),
+        },
+        "resumed_from": str(ckpt) if ckpt else None,
+        "metrics": str(out / "metrics.jsonl"),
+        "config": to_dict(cfg),
+        **extra,
+    }
+    io.write_json(out / "run.json", summary)
+    return summary
+
