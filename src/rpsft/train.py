@@ -213,13 +213,16 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", dump_yaml(cfg))
 
+    # data before model: a bad data file fails in a second, not after loading the weights
+    dataset = to_dataset(load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit))
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
-    dataset = to_dataset(load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit))
 
     t0 = time.perf_counter()
     anchor = build_anchor(model, cfg, full_rank=method.anchor == "full", progress=progress) if use_anchor else None
     anchor_s = time.perf_counter() - t0
+    if anchor is not None and len(anchor) == 0:
+        anchor = None  # every k is 0: the run is plain SFT, and says so in run.json
     if method.prepare_model is not None:
         model = method.prepare_model(model, cfg)
 

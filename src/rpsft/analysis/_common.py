@@ -182,8 +182,16 @@ def completion_nll(model, batch: list[Encoded], pad_id: int) -> torch.Tensor:
         attn[i, :n] = 1
         labels[i, e.completion_start:n] = ids[i, e.completion_start:n]
     ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    target = labels[:, 1:]
+    # Only positions that predict a completion token need the (vocab-sized) lm_head: logits_to_keep saves
+    # roughly the prompt's share of that matmul. Models without the argument get full logits.
+    keep = L - max(min(e.completion_start for e in batch) - 1, 0)
+    try:
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+    except TypeError:
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    keep = logits.shape[1]
+    logits = logits[:, :-1].float()
+    target = labels[:, L - keep + 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
     mask = (target != -100).float()
     return (nll * mask).sum(1) / mask.sum(1).clamp_min(1.0)

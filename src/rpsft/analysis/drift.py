@@ -72,9 +72,11 @@ def run_drift(base: str, tuned: list[str], data: str, limit: int = 64, batch_siz
 
     if labels is not None and len(labels) != len(tuned):
         raise ValueError(f"--labels has {len(labels)} entries for {len(tuned)} checkpoints; give one per --tuned")
-    labels = labels or [checkpoint_label(t) for t in tuned]
-    if "base" in labels:
-        raise ValueError("'base' is reserved for the base model; pass --labels with other names")
+    if labels is not None and "base" in labels:
+        raise ValueError("--labels: 'base' is reserved for the base model; choose other names")
+    labels = labels or [checkpoint_label(t) if checkpoint_label(t) != "base" else t for t in tuned]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"checkpoint labels {labels} are not unique; pass --labels with one distinct name each")
     t0 = time.time()
     records = load_records(data, limit=limit)
     model, tok = load_model(base)

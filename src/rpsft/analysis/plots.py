@@ -27,6 +27,11 @@ def _save(fig, path: str | Path) -> None:
     _plt().close(fig)
 
 
+def _short_path(p: str) -> str:
+    path = Path(p)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def _type_colors(types):
     plt = _plt()
     cmap = plt.get_cmap("tab10")
@@ -61,7 +66,7 @@ def plot_energy(report: dict, path: str | Path) -> None:
     a.set(xlabel="x(r) = r² / R²  (area of the anchored block)", ylabel="y(r)  (share of gradient energy)",
           xlim=(0, 1), ylim=(0, 1.02), title="Gradient energy in the top-r frame")
     b.axhline(report["target"], color="gray", ls=":", lw=1, label=f"target {report['target']:.0%}")
-    b.set(xlabel="r", ylabel="y(r)", ylim=(0, 1.02), title=f"{report['samples']} samples · {Path(report['data']).name}")
+    b.set(xlabel="r", ylabel="y(r)", ylim=(0, 1.02), title=f"{report['samples']} samples · {_short_path(report['data'])}")
     a.legend(fontsize=8, loc="lower right")
     b.legend(fontsize=8, loc="lower right")
     a.grid(alpha=0.3)

@@ -13,6 +13,7 @@ the question instead of the answer).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import re
@@ -119,7 +120,15 @@ def _get_worker():
         from concurrent.futures import ProcessPoolExecutor
 
         _worker = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"))
+        atexit.register(_close_worker)
     return _worker
+
+
+def _close_worker() -> None:
+    global _worker
+    if _worker is not None:
+        _worker.shutdown(wait=True, cancel_futures=True)
+        _worker = None
 
 
 def _kill_worker() -> None:
@@ -199,15 +208,19 @@ def _clean_box(s: str) -> str:
     return s.replace("$", "").strip().strip("{}").strip()
 
 
-def mcq_letter(completion: str, n_options: int) -> str | None:
+def mcq_letter(completion: str, n_options: int, labels: str | list[str] | None = None) -> str | None:
     """The option letter the completion commits to, or None. Only letters of existing options count
-    (``n_options=4`` -> A-D). Looked for, in order: the last ``\\boxed{}``; the last "answer is X" /
-    "Answer: X" / "option X" phrase; a completion that is just a letter; a line starting "X." or "(X)"."""
+    (``n_options=4`` -> A-D; ``labels`` for other single-character labels, e.g. ARC's "1234"). Looked for, in
+    order: the last ``\\boxed{}``; the last "answer is X" / "Answer: X" / "option X is correct" phrase; a
+    completion that is just a letter; a last line (or the first line of a reply of at most two lines)
+    starting "X." or "(X)"."""
     if n_options < 1:
         raise ValueError(f"n_options must be >= 1, got {n_options}")
-    valid = LETTERS[: min(n_options, 26)]
+    valid = "".join(labels) if labels else LETTERS[: min(n_options, 26)]
+    if any(len(x) != 1 for x in (labels or [])):
+        raise ValueError(f"option labels must be single characters, got {labels!r}")
     text = _after_think(completion or "")
-    cls = f"[{valid}]"
+    cls = "[" + re.escape(valid) + "]"
     # 1. the box, as the official prompts ask: \boxed{C}, \boxed{(C)}, \boxed{C. Planetary days ...}
     box = extract_boxed(text)
     if box is not None:
@@ -216,8 +229,8 @@ def mcq_letter(completion: str, n_options: int) -> str | None:
             return m.group(1)
     # 2. explicit commitments; the letter itself is case-sensitive so the article "a" never counts
     phrases = [
-        rf"(?i:\banswer)(?:\s+(?i:is|would\s+be|should\s+be))?\s*(?:[:=]\s*)?(?i:option\s+|choice\s+)?"
-        rf"\**\(?({cls})\)?\**(?![A-Za-z0-9])",
+        rf"(?i:\banswer)\**(?:\s+(?i:is|would\s+be|should\s+be))?\s*(?:[:=]\s*)?\**\s*"
+        rf"(?i:option\s+|choice\s+)?\**\(?({cls})\)?\**(?![A-Za-z0-9])",
         rf"(?i:\b(?:option|choice))\s*\(?({cls})\)?\s+(?i:is\s+(?:the\s+)?correct)",
         rf"(?i:\bcorrect\s+(?:option|choice|answer|letter))\s*(?i:is)?\s*[:=]?\s*\**\(?({cls})\)?\**(?![A-Za-z0-9])",
     ]
@@ -229,29 +242,39 @@ def mcq_letter(completion: str, n_options: int) -> str | None:
     m = re.fullmatch(rf"\s*\**\(?({cls})\)?[.:)]?\**\s*", text)
     if m:
         return m.group(1)
-    # 4. the first or last line restates an option: "C. Planetary days will become shorter."
+    # 4. the last line (or the first of a short reply) restates an option: "C. Planetary days ...". A long
+    #    reply's first line is more often the start of a walk through the options than a verdict.
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    for line in (lines[:1] + lines[-1:]) if lines else []:
+    for line in lines[-1:] + (lines[:1] if len(lines) <= 2 else []):
         m = re.match(rf"\**\(?({cls})(?:\)|\.|:)\**(?:\s|$)", line)
         if m:
             return m.group(1)
     return None
 
 
-def mcq_options(user_prompt: str) -> list[str]:
-    """Option texts from the official prompt layout: a "Choices:" line, then "A. ...", "B. ..." lines."""
+def parse_choices(user_prompt: str) -> list[tuple[str, str]]:
+    """``[(label, text)]`` from the official prompt layout: a "Choices:" line, then "A. ..." lines (ARC also
+    uses "1. ..."). Labels must run A, B, C... or 1, 2, 3...; an option may continue on following lines."""
     part = user_prompt.rsplit("Choices:", 1)[-1] if "Choices:" in user_prompt else user_prompt
-    opts: list[str] = []
+    out: list[tuple[str, str]] = []
     for line in part.splitlines():
-        m = re.match(r"\s*([A-Z])[.)]\s?(.*)$", line)
-        if m and m.group(1) == LETTERS[len(opts)]:
-            opts.append(m.group(2).strip())
-        elif opts and line.strip() and not line.lstrip().startswith("Please answer"):
-            if not re.match(r"\s*[A-Z][.)]", line):
-                opts[-1] += "\n" + line.strip()  # an option that spans several lines
-        elif opts and line.lstrip().startswith("Please answer"):
+        if line.lstrip().startswith("Please answer"):
             break
-    return opts
+        m = re.match(r"\s*([A-Z]|[1-9])[.)]\s?(.*)$", line)
+        if m:
+            label = m.group(1)
+            seq = LETTERS if (out[0][0] if out else label) == "A" else "123456789"
+            if len(out) < len(seq) and label == seq[len(out)]:
+                out.append((label, m.group(2).strip()))
+                continue
+        if out and line.strip():
+            out[-1] = (out[-1][0], out[-1][1] + "\n" + line.strip())
+    return out
+
+
+def mcq_options(user_prompt: str) -> list[str]:
+    """Option texts of :func:`parse_choices`."""
+    return [t for _, t in parse_choices(user_prompt)]
 
 
 # -------------------------------------------------------------------------------------------------- ifeval

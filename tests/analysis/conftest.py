@@ -1,0 +1,92 @@
+"""Tiny, fully offline fixtures: a byte-level BPE tokenizer with a ChatML template and random-init Llama models
+saved with save_pretrained (a base and a perturbed 'tuned' copy), plus a hand-written prompt/completion file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+# Tiny models: with 2 shared cores, a second OpenMP thread spin-waits far longer than the 32×32 matmuls take.
+torch.set_num_threads(1)
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CORPUS = [
+    "What is two plus three? Two plus three is five.",
+    "Tom has 4 apples and buys 3 more. He has 7 apples.",
+    "The answer is 12 because 3 times 4 is 12.",
+    "Write a short greeting. Hello there, have a nice day!",
+]
+
+RECORDS = [
+    {"prompt": [{"role": "user", "content": "What is two plus three?"}],
+     "completion": [{"role": "assistant", "content": "Two plus three is five. The answer is 5."}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tom has 4 apples and buys 3."}],
+     "completion": [{"role": "assistant", "content": "He has 7 apples."}]},
+    {"prompt": [{"role": "user", "content": "What is 3 times 4?"}],
+     "completion": [{"role": "assistant", "content": "3 times 4 is 12."}]},
+    {"prompt": [{"role": "user", "content": "Write a short greeting."}],
+     "completion": [{"role": "assistant", "content": "Hello there, have a nice day!"}]},
+    {"prompt": [{"role": "user", "content": "Tom has 2 apples."}],
+     "completion": [{"role": "assistant", "content": "Then he has 2 apples."}]},
+]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """{'base': dir, 'tuned': dir, 'tuned2': dir, 'data': jsonl, 'delta': {name: ΔW}} — tuned = base + ΔW."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    base = make_model(tok)
+    base.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    deltas = {}
+    for tag, scale in (("tuned", 0.02), ("tuned2", 0.05)):
+        g = torch.Generator().manual_seed(1 if tag == "tuned" else 2)
+        tuned = make_model(tok)
+        tuned.load_state_dict(base.state_dict())
+        d = {}
+        with torch.no_grad():
+            for n, p in tuned.named_parameters():
+                if p.dim() == 2 and "layers" in n:
+                    d[n] = scale * torch.randn(p.shape, generator=g)
+                    p.add_(d[n])
+        deltas[tag] = d
+        tuned.save_pretrained(root / tag)
+        tok.save_pretrained(root / tag)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return {"base": str(root / "base"), "tuned": str(root / "tuned"), "tuned2": str(root / "tuned2"),
+            "data": str(data), "delta": deltas["tuned"], "root": root, "records": RECORDS}

@@ -1,0 +1,213 @@
+"""RotationAnchor: the penalty of Eq. 3 and its closed-form gradient."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rpsft.anchor import RotationAnchor
+from rpsft.selection import SelectionError
+
+from conftest import make_tiny_llama
+
+
+def perturb_(model, scale=1e-2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def brute_force(W0: torch.Tensor, W: torch.Tensor, k: int) -> float:
+    """‖U_kᵀ(W − W0)V_k‖² from an independent fp64 SVD of W0."""
+    U, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)
+    return float((U[:, :k].T @ (W.double() - W0.double()) @ Vh[:k].T).pow(2).sum())
+
+
+@pytest.fixture
+def model():
+    return make_tiny_llama(64, inter=80)
+
+
+def test_closed_form_gradient_matches_autograd(model):
+    anchor = RotationAnchor.from_model(model, rank=8)
+    perturb_(model)
+    R = anchor.penalty(model)
+    R.backward()
+    auto = {n: p.grad.clone() for n, p in model.named_parameters() if n in anchor.terms}
+    model.zero_grad(set_to_none=True)
+    r = anchor.accumulate_grad_(model, weight=1.0)
+    params = dict(model.named_parameters())
+    assert r == pytest.approx(R.item(), rel=1e-6)
+    assert len(auto) == 14
+    for name, g in auto.items():
+        rel = (params[name].grad - g).norm() / g.norm()
+        assert rel < 1e-5, (name, rel.item())
+
+
+def test_accumulate_adds_weighted_gradient_to_existing_grad(model):
+    anchor = RotationAnchor.from_model(model, rank=4, targets=["q_proj"])
+    perturb_(model)
+    name = next(iter(anchor.terms))
+    p = dict(model.named_parameters())[name]
+    base = torch.randn_like(p)
+    p.grad = base.clone()
+    anchor.accumulate_grad_(model, weight=0.5)
+    once = p.grad - base
+    p.grad = None
+    anchor.accumulate_grad_(model, weight=1.0)
+    # (base + g) - base carries fp32 round-off of |base| ~ 1, hence an absolute tolerance at that scale
+    assert once.abs().max() > 1e-3
+    torch.testing.assert_close(once, 0.5 * p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_penalty_at_init_is_fp32_roundoff(model):
+    anchor = RotationAnchor.from_model(model, rank=8)
+    sigma_sq = sum(float(t.S.double().pow(2).sum()) for t in anchor.terms.values())
+    assert anchor.penalty(model).item() < 1e-6 * sigma_sq
+
+
+def test_penalty_at_init_is_zero_for_bf16_weights():
+    # The authors' fp16 bases leave ~1e-4 per matrix; bases of a bf16 model are taken of the exact bf16 values
+    # and the penalty is computed in fp32, so it is round-off only.
+    model = make_tiny_llama(64, inter=80).to(torch.bfloat16)
+    anchor = RotationAnchor.from_model(model, rank=8)
+    sigma_sq = sum(float(t.S.double().pow(2).sum()) for t in anchor.terms.values())
+    assert anchor.penalty(model).item() < 1e-6 * sigma_sq
+    assert all(t.U.dtype == torch.float32 for t in anchor.terms.values())
+
+
+def test_penalty_equals_brute_force_after_perturbation(model):
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    anchor = RotationAnchor.from_model(model, rank=6)
+    perturb_(model)
+    params = dict(model.named_parameters())
+    expected = sum(brute_force(W0[n], params[n].detach(), 6) for n in anchor.terms)
+    assert anchor.penalty(model).item() == pytest.approx(expected, rel=1e-4)
+    assert expected > 1e-3  # the perturbation is visible: the check is not 0 == 0
+
+
+def test_full_rank_is_exactly_l2_to_init(model):
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for rank in (10_000, 1.0):  # int beyond min(m, n) is clipped; fraction 1.0 is min(m, n)
+        anchor = RotationAnchor.from_model(model, rank=rank)
+        assert all(t.full and t.U is None for t in anchor.terms.values())
+    perturb_(model)
+    params = dict(model.named_parameters())
+    expected = sum(float((params[n].detach().double() - W0[n].double()).pow(2).sum()) for n in anchor.terms)
+    assert anchor.penalty(model).item() == pytest.approx(expected, rel=1e-6)
+    model.zero_grad(set_to_none=True)
+    anchor.accumulate_grad_(model, weight=1.0)
+    for n in anchor.terms:
+        torch.testing.assert_close(params[n].grad, 2 * (params[n].detach() - W0[n]))
+    # For a square W an SVD at k = min(m, n) agrees (U, V both square orthogonal). For a non-square W only one of
+    # them is square, and Eq. 3 would miss the part of ΔW outside W0's row/column space: that is why the full-rank
+    # term is defined as ‖W − W0‖² (L2-Init), not as Eq. 3 at k = min(m, n).
+    l2 = {n: float((params[n].detach().double() - W0[n].double()).pow(2).sum()) for n in anchor.terms}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert brute_force(W0[q], params[q].detach(), 32) == pytest.approx(l2[q], rel=1e-8)
+    kp = "model.layers.0.self_attn.k_proj.weight"  # 16 x 32
+    assert brute_force(W0[kp], params[kp].detach(), 16) < 0.9 * l2[kp]
+
+
+def test_rank_zero_contributes_nothing(model):
+    anchor = RotationAnchor.from_model(model, rank=0)
+    assert len(anchor) == 0 and anchor.nbytes == 0
+    perturb_(model)
+    assert anchor.penalty(model).item() == 0.0
+    assert anchor.accumulate_grad_(model) == 0.0
+    assert all(p.grad is None for p in model.parameters())
+    mixed = RotationAnchor.from_model(model, rank={"q_proj": 0, "*": 4})
+    assert not any("q_proj" in n for n in mixed.terms) and len(mixed) == 12
+
+
+def test_storage_is_bases_only(model):
+    anchor = RotationAnchor.from_model(model, rank=5)
+    expected = 0
+    for n, p in model.named_parameters():
+        if n in anchor.terms:
+            m, k_n = p.shape
+            expected += (m + k_n + 1) * 5 * 4
+    assert anchor.nbytes == expected
+    assert all(t.W0 is None for t in anchor.terms.values())
+
+
+def test_rank_specs(model, tmp_path):
+    a = RotationAnchor.from_model(model, rank=0.25)  # fraction of min(m, n): q 32x32 -> 8, k 16x32 -> 4
+    r = a.ranks
+    assert r["model.layers.0.self_attn.q_proj.weight"] == 8
+    assert r["model.layers.0.self_attn.k_proj.weight"] == 4
+    b = RotationAnchor.from_model(model, rank={"re:layers\\.0\\.": 3, "*": 2})
+    assert b.ranks["model.layers.0.mlp.up_proj.weight"] == 3 and b.ranks["model.layers.1.mlp.up_proj.weight"] == 2
+    names = [n for n, _ in model.named_parameters() if "proj" in n]
+    f = tmp_path / "ranks.json"
+    f.write_text(json.dumps({n: 2 + i % 3 for i, n in enumerate(names)}))
+    c = RotationAnchor.from_model(model, rank=f"@{f}")
+    assert c.ranks == {n: 2 + i % 3 for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("rank, message", [
+    (-1, "negative"),
+    (1.5, "fraction"),
+    (0.0, "fraction"),
+    (True, "not a number"),
+    ("abc", "not a number"),
+    ({"q_proj": 4}, "no entry for"),
+    ("@/nonexistent/ranks.json", "does not exist"),
+])
+def test_bad_rank_errors(model, rank, message):
+    with pytest.raises(SelectionError, match=message):
+        RotationAnchor.from_model(model, rank=rank)
+
+
+def test_targets_and_layers(model):
+    a = RotationAnchor.from_model(model, rank=2, targets=["q_proj", "down_proj"], layers="1")
+    assert sorted(a.terms) == ["model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    assert not any("embed" in n for n in RotationAnchor.from_model(model, rank=2).terms)
+    e = RotationAnchor.from_model(model, rank=2, targets=["embed_tokens"])
+    assert list(e.terms) == ["model.embed_tokens.weight"]
+    g = RotationAnchor.from_model(model, rank=2, targets=["model.layers.0.mlp.*"])
+    assert len(g) == 3
+
+
+def test_no_match_lists_candidates(model):
+    with pytest.raises(SelectionError, match=r"match no 2-D weight.*q_proj"):
+        RotationAnchor.from_model(model, rank=2, targets=["qproj"])
+    with pytest.raises(SelectionError, match="tied to the input embeddings"):
+        RotationAnchor.from_model(model, rank=2, targets=["lm_head"])
+    with pytest.raises(SelectionError, match="cannot parse"):
+        RotationAnchor.from_model(model, rank=2, layers="a-b")
+
+
+def test_refuses_partitioned_parameters(model):
+    # DeepSpeed ZeRO-3 replaces parameters by empty placeholders tagged ds_id: never silently anchor nothing.
+    p = model.model.layers[0].self_attn.q_proj.weight
+    p.ds_id = 3
+    with pytest.raises(RuntimeError, match="ZeRO-3"):
+        RotationAnchor.from_model(model, rank=2)
+
+
+def test_drift_reports_relative_norms(model):
+    anchor = RotationAnchor.from_model(model, rank=4)
+    d0 = anchor.drift(model)
+    assert max(v["rel"] for v in d0.values()) < 1e-5
+    perturb_(model)
+    d = anchor.drift(model)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    t = anchor.terms[name]
+    assert d[name]["abs"] ** 2 == pytest.approx(float(anchor._residual(t, dict(model.named_parameters())[name])
+                                                       .double().pow(2).sum()), rel=1e-5)
+    assert d[name]["rel"] == pytest.approx(d[name]["abs"] / float(t.S.double().norm()), rel=1e-9)
+    anchor.accumulate_grad_(model)
+    by_type = anchor.relative_drift_by_type()
+    assert set(by_type) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert by_type["q_proj"] == pytest.approx(sum(d[n]["rel"] for n in d if "q_proj" in n) / 2, rel=1e-5)
+
+
+def test_wrong_model_is_a_clear_error(model):
+    anchor = RotationAnchor.from_model(model, rank=2)
+    other = make_tiny_llama(64, hidden=48, inter=80)
+    with pytest.raises(ValueError, match="has shape"):
+        anchor.penalty(other)
