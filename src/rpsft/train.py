@@ -225,6 +225,8 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
         anchor = None  # every k is 0: the run is plain SFT, and says so in run.json
     if method.prepare_model is not None:
         model = method.prepare_model(model, cfg)
+    if anchor is not None and method.wrap_anchor is not None:
+        anchor = method.wrap_anchor(anchor, model, cfg)  # e.g. the anchor on W0 + s·BA of a PEFT model
 
     args = build_sft_config(cfg, out, **method.sft_overrides)
     trainer_cls = method.trainer_class() if method.trainer_class is not None else AnchoredSFTTrainer

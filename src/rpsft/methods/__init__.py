@@ -18,6 +18,7 @@ class Method:
     sft_overrides: dict = field(default_factory=dict)  # SFTConfig fields this method sets (e.g. loss_type)
     prepare_model: Callable[[Any, Any], Any] | None = None  # (model, cfg) -> model, e.g. a PEFT wrap
     trainer_class: Callable[[], type] | None = None  # lazy: returns the trainer class to use
+    wrap_anchor: Callable[[Any, Any, Any], Any] | None = None  # (dense anchor, prepared model, cfg) -> anchor
     finalize: Callable[[Any, Any, Any], dict] | None = None  # (trainer, cfg, out_dir) -> extra run info
     extra_memory: str = "none"  # what the method keeps beyond the model + optimizer (docs, bench)
 
