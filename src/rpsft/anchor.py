@@ -22,7 +22,8 @@ from typing import Any, Iterable
 
 import torch
 
-from .bases import BasesCache, get_bases
+from .bases import Bases, BasesCache, get_bases
+from .distributed import all_reduce_sum_, assign_owners, broadcast_, is_dtensor, row_shard, world
 from .selection import matrix_type, resolve_ranks, select_matrices
 
 
@@ -36,6 +37,7 @@ class _Term:
     V: torch.Tensor | None = None  # n×k
     W0: torch.Tensor | None = None  # only where k == min(m, n)
     ref_sq: float = 1.0  # ‖σ_k‖² or ‖W0‖²: the scale that relative drift is measured against
+    row0: int | None = None  # set once U (or W0) has been cut to an FSDP2 row shard starting at this row
 
     @property
     def full(self) -> bool:
@@ -77,24 +79,48 @@ class RotationAnchor:
             _refuse_partitioned(name, p)
         ranks = resolve_ranks([(n, tuple(p.shape)) for n, p in matrices], rank)
         cache = BasesCache(cache_dir)
-        terms = []
-        iterator = matrices
-        if progress:
+        me, world_size = world()
+        shapes = [tuple(p.shape) for _, p in matrices]
+        ks = [ranks[n] if ranks[n] < min(shape) else 0 for (n, _), shape in zip(matrices, shapes)]
+        owners = assign_owners(shapes, ks, world_size)  # each SVD on one rank only, then broadcast
+        terms, computed = {}, {}
+        iterator = list(enumerate(matrices))
+        if progress and me == 0:
             from rich.progress import track
 
-            iterator = track(matrices, description="anchor bases", transient=True)
-        for name, p in iterator:
-            k, shape = ranks[name], tuple(p.shape)
+            iterator = track(iterator, description="anchor bases", transient=True)
+        for i, (name, p) in iterator:
+            k, shape = ranks[name], shapes[i]
             if k == 0:
                 continue
-            W = p.detach()
             if k >= min(shape):
-                W0 = W.to(dtype=dtype, copy=True)
-                terms.append(_Term(name, shape, k, W0=W0, ref_sq=float(W0.double().pow(2).sum())))
-            else:
-                b = get_bases(W, k, solver=svd, cache=cache, niter=niter)
-                U, S, V = (t.to(device=p.device, dtype=dtype) for t in (b.U, b.S, b.V))
-                terms.append(_Term(name, shape, k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum())))
+                # L2-Init term: keep W0 itself (only this rank's rows when the weight is an FSDP2 shard)
+                local = p.detach().to_local() if is_dtensor(p) else p.detach()
+                W0 = local.to(dtype=dtype, copy=True)
+                ref = float(p.detach().full_tensor().double().pow(2).sum()) if is_dtensor(p) \
+                    else float(W0.double().pow(2).sum())
+                terms[i] = _Term(name, shape, k, W0=W0, ref_sq=ref,
+                                 row0=row_shard(p)[1] if is_dtensor(p) else None)
+                continue
+            W = p.detach().full_tensor() if is_dtensor(p) else p.detach()  # a collective: same order everywhere
+            if owners[i] == me:
+                computed[i] = get_bases(W, k, solver=svd, cache=cache, niter=niter)
+        for i, (name, p) in enumerate(matrices):
+            if ks[i] == 0:
+                continue
+            k, (m, n) = ks[i], shapes[i]
+            device = p.device
+            if world_size > 1:  # one flat broadcast per matrix from its owner
+                flat = torch.empty((m + n + 1) * k, dtype=torch.float32, device=device)
+                if owners[i] == me:
+                    b = computed[i]
+                    flat.copy_(torch.cat([b.U.reshape(-1), b.S, b.V.reshape(-1)]).to(device))
+                broadcast_(flat, owners[i])
+                computed[i] = Bases(flat[:m * k].view(m, k), flat[m * k:m * k + k], flat[m * k + k:].view(n, k))
+            b = computed.pop(i)
+            U, S, V = (t.to(device=device, dtype=dtype) for t in (b.U, b.S, b.V))
+            terms[i] = _Term(name, (m, n), k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum()))
+        terms = [terms[i] for i in sorted(terms)]
         return cls(terms, dtype=dtype)
 
     # ------------------------------------------------------------------ introspection
@@ -144,47 +170,92 @@ class RotationAnchor:
         params = self._params(model)
         total = None
         for name, t in self.terms.items():
+            if is_dtensor(params[name]):
+                raise NotImplementedError("penalty() is the autograd path for unsharded weights; under FSDP2 use "
+                                          "accumulate_grad_ (closed form, returns R) or drift()")
             r = self._residual(t, params[name]).pow(2).sum()
             total = r if total is None else total + r
         if total is None:
             return torch.zeros((), dtype=self.dtype)
         return total
 
+    def _localize(self, t: _Term, p: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """This rank's rows of W (FSDP2 Shard(0)); cuts U_k / W0 to the same rows once, freeing the rest."""
+        local, row0, group = row_shard(p)
+        rows = local.shape[0]
+        if t.row0 is None:
+            if t.full:
+                t.W0 = t.W0[row0:row0 + rows].contiguous()
+            else:
+                t.U = t.U[row0:row0 + rows].contiguous()
+            t.row0 = row0
+        elif t.row0 != row0 or (t.U if not t.full else t.W0).shape[0] != rows:
+            raise RuntimeError(f"{t.name}: the weight was re-sharded after the anchor was cut to its rows; build the "
+                               "anchor again after changing the sharding")
+        return local.detach(), group
+
+    @torch.no_grad()
+    def _residuals(self, model: torch.nn.Module) -> list[tuple[_Term, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(term, parameter, A or local W − W0, ‖·‖² summed over ranks) for every term, with one all-reduce."""
+        params = self._params(model)
+        out, partial, group = [], [], None
+        for name, t in self.terms.items():
+            p = params[name]
+            if is_dtensor(p):
+                W, group = self._localize(t, p)
+                W = W.to(self.dtype)
+                if t.full:
+                    D = W - t.W0
+                    sq = D.pow(2).sum()
+                    partial.append(sq)  # ‖W − W0‖² = Σ over row shards
+                    out.append((t, p, D, sq))
+                else:
+                    A = t.U.T @ (W @ t.V)  # this shard's share of U_kᵀ W V_k
+                    partial.append(A)
+                    out.append((t, p, A, None))
+            else:
+                A = self._residual(t, p.detach())
+                out.append((t, p, A, A.pow(2).sum()))
+        if partial:
+            all_reduce_sum_(partial, group)  # in place: the partial A's are now Σ_r U_rᵀ W_r V_k
+            for i, (t, p, A, sq) in enumerate(out):
+                if sq is None:
+                    A = A - torch.diag_embed(t.S)
+                    out[i] = (t, p, A, A.pow(2).sum())
+        return out
+
     @torch.no_grad()
     def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
         """Add ``weight · ∇R`` to each anchored parameter's ``.grad`` in closed form; return R (unweighted).
 
         ∇R = 2·U_k A V_kᵀ (2·(W − W0) at full rank). One pass: ≈ 4·m·n·k FLOP per matrix, no autograd graph.
+        Under FSDP2 each rank adds 2·U_r A V_kᵀ to its own gradient shard (see distributed.py).
         """
-        params = self._params(model)
-        sq = []
-        for name, t in self.terms.items():
-            p = params[name]
-            A = self._residual(t, p.detach())
-            sq.append(A.pow(2).sum())
+        res = self._residuals(model)
+        for t, p, A, _ in res:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            m, n = t.shape
+            grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad
             if t.full:
                 G = A
             else:
+                m, n = t.U.shape[0], t.shape[1]
                 G = (t.U @ A) @ t.V.T if m <= n else t.U @ (A @ t.V.T)
-            p.grad.add_(G.to(p.grad.dtype), alpha=2.0 * weight)
-        if not sq:
+            grad.add_(G.to(grad.dtype), alpha=2.0 * weight)
+        if not res:
             self.last_sq = {}
             return 0.0
-        values = torch.stack(sq).double().cpu()  # one device sync per step, not one per matrix
+        values = torch.stack([sq for *_, sq in res]).double().cpu()  # one device sync per step
         self.last_sq = dict(zip(self.terms, values.tolist()))
         return float(values.sum())
 
     @torch.no_grad()
     def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """Per matrix: ``abs`` = ‖A‖_F, ``rel`` = ‖A‖_F / ‖σ_k‖ (‖W−W0‖/‖W0‖ at full rank), ``k``, ``type``."""
-        params = self._params(model)
         out = {}
-        for name, t in self.terms.items():
-            a = float(self._residual(t, params[name].detach()).double().pow(2).sum().sqrt())
-            out[name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(name)}
+        for t, _, _, sq in self._residuals(model):
+            a = float(sq.double()) ** 0.5
+            out[t.name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(t.name)}
         return out
 
     def relative_drift_by_type(self, sq: dict[str, float] | None = None) -> dict[str, float]:

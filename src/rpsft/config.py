@@ -91,7 +91,9 @@ class IWSection:
 
 @dataclass
 class OSFSection:
-    effective_rank: Any = None  # PEFT OSFConfig.effective_rank (None: PEFT's default, half of min(m, n))
+    effective_rank: Any = None  # PEFT OSFConfig.effective_rank: frozen top-k; int, fraction of min(m, n), or None (half)
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    merge: bool = True  # also export a merged full checkpoint
 
 
 @dataclass

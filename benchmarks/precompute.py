@@ -1,0 +1,128 @@
+"""Bases precompute: exact SVD vs Gram-eigh vs randomized SVD on every projection matrix of a model (issue 6.2).
+
+For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices) and each k
+(default 128 and 384, clipped to min(m, n); a k equal to min(m, n) is L2-Init and needs no bases, so it is skipped):
+
+* wall time of ``rpsft.bases.compute_bases`` with solver exact, gram and randomized at niter 2, 4, 8, 16
+  (solvers interleaved per matrix, in a rotating order, so a noisy machine slows all of them alike);
+* top-k subspace overlap with the exact bases, ``rpsft.bases.subspace_overlap`` (1 = same subspace), for U and V;
+* the spectral gap σ_k/σ_{k+1} of the exact spectrum, and the max |σ_i − σ_i^exact|/σ_1 of the refined σ.
+
+exact and gram compute the whole spectrum once per matrix whatever k, so they are timed once and their time is
+charged to every k. Prints a summary (total time per solver, min / median overlap, gap statistics) and writes
+every per-matrix number as JSON with --out.
+
+    python benchmarks/precompute.py [--rank 128,384] [--niter 2,4,8,16] [--layers 0-29] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--rank", default="128,384")
+    ap.add_argument("--niter", default="2,4,8,16")
+    ap.add_argument("--layers", default=None, help="e.g. 0-29 or 0,15 (default: all)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from rpsft.bases import compute_bases, subspace_overlap
+    from rpsft.models import load_model
+    from rpsft.selection import select_matrices
+
+    ranks = [int(x) for x in args.rank.split(",")]
+    niters = [int(x) for x in args.niter.split(",")]
+    model, _ = load_model(args.model)
+    mats = [(n, p.detach().float().clone()) for n, p in select_matrices(model, None, args.layers)]
+    del model
+    print(f"{args.model}: {len(mats)} matrices, k {ranks}, randomized niter {niters}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    rows = []
+    t_start = time.perf_counter()
+    for idx, (name, W) in enumerate(mats):
+        m, n = W.shape
+        ks = [min(k, min(m, n)) for k in ranks]
+        kmax = max([k for k in ks if k < min(m, n)], default=0)
+        row = {"name": name, "shape": [m, n], "time": {}, "by_k": {}}
+        if kmax == 0:
+            rows.append(row)
+            continue
+        jobs = [("exact", None, kmax), ("gram", None, kmax)] + [(f"randomized{q}", q, k) for q in niters
+                                                                 for k in sorted(set(ks)) if k < min(m, n)]
+        shift = idx % len(jobs)  # rotate the order: no solver always runs first (cold caches) or last
+        jobs = jobs[shift:] + jobs[:shift]
+        out = {}
+        for label, q, k in jobs:
+            t = time.perf_counter()
+            if q is None:
+                b = compute_bases(W, k, solver=label)
+            else:
+                b = compute_bases(W, k, solver="randomized", niter=q)
+            dt = time.perf_counter() - t
+            key = label if q is None else f"{label}@{k}"
+            out[key] = b
+            row["time"][key] = dt
+        S_all = torch.linalg.svdvals(W.double())
+        ex = out["exact"]
+        for k in sorted(set(ks)):
+            if k >= min(m, n):
+                continue
+            d = {"gap": float(S_all[k - 1] / S_all[k]), "sigma_k": float(S_all[k - 1]),
+                 "sigma_1": float(S_all[0]), "overlap": {}, "sigma_err": {}}
+            ref = ex.prefix(k)
+            cands = {"gram": out["gram"].prefix(k)}
+            cands.update({f"randomized{q}": out[f"randomized{q}@{k}"] for q in niters})
+            for label, b in cands.items():
+                d["overlap"][label] = min(subspace_overlap(ref.U, b.U), subspace_overlap(ref.V, b.V))
+                d["sigma_err"][label] = float((b.S.double() - ref.S.double()).abs().max() / S_all[0])
+            d["overlap"]["exact"] = 1.0
+            row["by_k"][str(k)] = d
+        rows.append(row)
+        if (idx + 1) % 21 == 0:
+            print(f"  {idx + 1}/{len(mats)} matrices, {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    solvers = ["exact", "gram"] + [f"randomized{q}" for q in niters]
+    summary = {"model": args.model, "matrices": len(mats), "threads": torch.get_num_threads(), "by_k": {}}
+    print(f"\nbases precompute, {len(mats)} matrices (wall {time.perf_counter() - t_start:.0f} s)")
+    for k in ranks:
+        kk = str(k)
+        sub = [(r, r["by_k"].get(str(min(k, min(r["shape"]))))) for r in rows]
+        sub = [(r, d) for r, d in sub if d is not None]
+        if not sub:
+            continue
+        blk = {"matrices": len(sub), "skipped_full_rank": len(rows) - len(sub), "solvers": {}}
+        gaps = [d["gap"] for _, d in sub]
+        blk["gap"] = {"min": min(gaps), "median": statistics.median(gaps), "max": max(gaps)}
+        print(f"\nk={k} (clipped): {len(sub)} matrices with bases, {blk['skipped_full_rank']} at full rank (L2-Init, "
+              f"no SVD); σ_k/σ_(k+1): min {min(gaps):.4f}, median {statistics.median(gaps):.4f}, "
+              f"max {max(gaps):.4f}")
+        print(f"  {'solver':13s} {'total s':>8s} {'min overlap':>12s} {'median':>8s} {'#<0.99':>7s} "
+              f"{'max σ err/σ1':>13s}")
+        for s in solvers:
+            key = (lambda r, d: s) if s in ("exact", "gram") else (lambda r, d: f"{s}@{min(k, min(r['shape']))}")
+            total = sum(r["time"][key(r, d)] for r, d in sub)
+            ov = [d["overlap"][s] for _, d in sub]
+            se = [d["sigma_err"].get(s, 0.0) for _, d in sub]
+            blk["solvers"][s] = {"total_seconds": round(total, 2), "overlap_min": min(ov),
+                                 "overlap_median": statistics.median(ov), "below_0.99": sum(o < 0.99 for o in ov),
+                                 "sigma_err_max": max(se)}
+            print(f"  {s:13s} {total:8.1f} {min(ov):12.4f} {statistics.median(ov):8.4f} "
+                  f"{sum(o < 0.99 for o in ov):7d} {max(se):13.2e}")
+        summary["by_k"][kk] = blk
+    if args.out:
+        from rpsft.io import write_json
+
+        write_json(args.out, {"summary": summary, "rows": rows})
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,592 @@
+"""``rpsft rl``: DAPO (arXiv 2503.14476) from an SFT checkpoint, on TRL's ``GRPOTrainer`` (paper §5.2, Tables 3-4).
+
+The objective is DAPO's Eq. 1: token-level clipped surrogate with clip-higher (ε_low = 0.2, ε_high = 0.28), no KL
+term (β = 0, so no reference model is loaded), token-mean over the whole accumulated batch (TRL
+``loss_type="dapo"``), truncated completions masked out of the loss (``mask_truncated_completions``), G samples per
+prompt at T = 1. What TRL does not provide is added here, each piece small and tested:
+
+* rewards (``rl_rewards``): +1/−1 from the evaluation harness's math judge + TRL's soft overlong punishment;
+* dynamic sampling (``rl_sampling`` + :class:`DAPOTrainer`): groups whose G answers are all right or all wrong are
+  dropped and the batch is refilled with freshly generated groups (DAPO Eq. 11);
+* optionally the RPSFT rotation anchor (``--set anchor.enabled=true``), applied in closed form once per optimizer
+  step exactly as in ``rpsft.train.AnchoredSFTTrainer``; off by default, as in the paper's RL runs.
+
+Config: :class:`RLConfig` (YAML + ``--set key=value``), written resolved to ``output_dir/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import json
+import os
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import io
+from .config import AnchorConfig, ConfigError, _coerce, _parse_scalar
+
+# ----------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class RLModelConfig:
+    dtype: str = "float32"  # fp32 master weights: Adam steps at lr 1e-6 vanish in bf16 weights
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RLDataConfig:
+    train: str = "data/synth-math/train.jsonl"  # synthetic math (prompt/completion) or GSM8K (question/answer) JSONL
+    limit: int | None = None  # first N prompts
+    system_prompt: str = "auto"  # auto (= rpsft eval's policy: boxed for GSM8K/official rows, file otherwise) |
+    #                              boxed | file | none
+
+
+@dataclass
+class DAPOSection:
+    num_generations: int = 8  # G, samples per prompt (paper: 8)
+    prompts_per_step: int = 16  # prompts per optimizer step (a step trains on prompts_per_step × G completions)
+    micro_batch_size: int = 8  # completions per forward/backward; grad accumulation makes up the step
+    max_completion_length: int = 1024  # L_max
+    overlong_buffer: int = 256  # L_cache of the soft overlong punishment (DAPO Eq. 13)
+    overlong_penalty: float = 1.0  # weight of that punishment in the total reward (0 = off)
+    epsilon_low: float = 0.2  # clip-higher (DAPO §3.1)
+    epsilon_high: float = 0.28
+    beta: float = 0.0  # KL weight; 0 = no reference model (DAPO)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    loss_type: str = "dapo"  # token-level mean over the accumulated batch (DAPO §3.3)
+    mask_truncated_completions: bool = True  # overlong filtering (DAPO §3.4)
+    scale_rewards: str = "group"  # advantage = (r − mean_group) / std_group
+    num_iterations: int = 1  # μ, policy updates per generation batch
+    dynamic_sampling: bool = True  # drop all-correct / all-wrong groups and refill (DAPO Eq. 11)
+    max_gen_rounds: int = 3  # generation rounds per step (first + refills) before filling with masked groups
+    judge_timeout_s: float = 5.0
+    use_vllm: bool | None = None  # None: vLLM when it is installed and a GPU is present
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+
+
+@dataclass
+class RLTrainConfig:
+    lr: float = 1e-6
+    max_steps: int = 100
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "constant"
+    weight_decay: float = 0.1  # DAPO's AdamW setting
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    seed: int = 42
+    bf16: bool | None = None  # None: bf16 on a GPU that supports it, fp32 on CPU
+    gradient_checkpointing: bool | None = None  # None: on for GPUs, off on CPU
+    log_completions: bool = False  # TRL's completions tables (parquet under output_dir/completions)
+
+
+@dataclass
+class RLEvalConfig:
+    enabled: bool = False  # evaluate the RL checkpoint at the end (rpsft.eval.run_eval)
+    before: bool = True  # ... and the init checkpoint first, with the same settings (before/after)
+    suite: str = "synth-math"
+    limit: int | None = 100
+    k: int | None = None
+    greedy: bool = True
+    max_new_tokens: int | None = None  # default: dapo.max_completion_length
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int | None = None
+    system_prompt: str | None = None
+
+
+@dataclass
+class RLConfig:
+    init: str | None = None  # the SFT checkpoint to start from (--init)
+    output_dir: str = "runs/rl"
+    model: RLModelConfig = field(default_factory=RLModelConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    dapo: DAPOSection = field(default_factory=DAPOSection)
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    anchor: AnchorConfig = field(default_factory=lambda: AnchorConfig(enabled=False))
+    eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def rl_keys(cls=RLConfig, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _hints(cls).items():
+        out += rl_keys(tp, f"{prefix}{name}.") if _is_section(tp) else [prefix + name]
+    return out
+
+
+def _unknown(key: str) -> ConfigError:
+    keys = rl_keys()
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown rl config key {key!r}{hint} Valid keys: {', '.join(keys)}")
+
+
+def _build(cls, data: Any, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in hints:
+            raise _unknown(key)
+        tp = hints[k]
+        kwargs[k] = _build(tp, v or {}, key + ".") if _is_section(tp) else _coerce(v, tp, key)
+    if cls is RLConfig and "anchor" not in kwargs:
+        kwargs["anchor"] = AnchorConfig(enabled=False)
+    elif cls is AnchorConfig and "enabled" not in kwargs:
+        kwargs["enabled"] = False  # off during RL unless asked for, as in the paper
+    return cls(**kwargs)
+
+
+def apply_rl_overrides(data: dict, overrides: list[str] | None) -> dict:
+    keys = set(rl_keys())
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set dapo.num_generations=4")
+        key, text = (s.strip() for s in item.split("=", 1))
+        if key not in keys:
+            raise _unknown(key)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                   init: str | None = None) -> RLConfig:
+    """YAML file (optional) + ``--set`` overrides + ``--init`` -> a validated :class:`RLConfig`."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (see configs/rl-demo.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    apply_rl_overrides(data, overrides)
+    if init is not None:
+        data["init"] = str(init)
+    cfg = _build(RLConfig, data)
+    validate_rl(cfg)
+    return cfg
+
+
+def validate_rl(cfg: RLConfig) -> None:
+    d, t = cfg.dapo, cfg.train
+    per_step = d.prompts_per_step * d.num_generations
+    checks = [
+        (cfg.init is not None, "no initial checkpoint: pass --init CHECKPOINT (an `rpsft train` output directory, "
+                               "an embedded model name or a hub id), or set init: in the config"),
+        (d.num_generations >= 2, f"dapo.num_generations (G) must be >= 2 to form group advantages, got "
+                                 f"{d.num_generations}"),
+        (d.prompts_per_step >= 1, f"dapo.prompts_per_step must be >= 1, got {d.prompts_per_step}"),
+        (d.micro_batch_size >= 1 and per_step % d.micro_batch_size == 0,
+         f"dapo.micro_batch_size ({d.micro_batch_size}) must divide prompts_per_step × num_generations "
+         f"({d.prompts_per_step} × {d.num_generations} = {per_step})"),
+        (d.max_completion_length >= 1, f"dapo.max_completion_length must be >= 1, got {d.max_completion_length}"),
+        (d.overlong_penalty == 0 or 0 < d.overlong_buffer <= d.max_completion_length,
+         f"dapo.overlong_buffer must be in (0, max_completion_length={d.max_completion_length}], got "
+         f"{d.overlong_buffer} (or set dapo.overlong_penalty=0)"),
+        (d.overlong_penalty >= 0, f"dapo.overlong_penalty must be >= 0, got {d.overlong_penalty}"),
+        (0 <= d.epsilon_low < 1 and d.epsilon_high >= 0, f"need 0 <= dapo.epsilon_low < 1 and epsilon_high >= 0, "
+                                                         f"got {d.epsilon_low}, {d.epsilon_high}"),
+        (d.beta >= 0, f"dapo.beta must be >= 0, got {d.beta}"),
+        (d.temperature > 0, f"dapo.temperature must be > 0, got {d.temperature}"),
+        (d.max_gen_rounds >= 1, f"dapo.max_gen_rounds must be >= 1, got {d.max_gen_rounds}"),
+        (d.scale_rewards in ("group", "batch", "none"), f"dapo.scale_rewards must be group, batch or none, got "
+                                                        f"{d.scale_rewards!r}"),
+        (d.num_iterations >= 1, f"dapo.num_iterations must be >= 1, got {d.num_iterations}"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
+        (cfg.data.system_prompt in ("auto", "boxed", "file", "none"),
+         f"data.system_prompt must be auto, boxed, file or none, got {cfg.data.system_prompt!r}"),
+        (cfg.anchor.lam >= 0 and cfg.anchor.period >= 1, "anchor.lam must be >= 0 and anchor.period >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def rl_to_dict(cfg: RLConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def _auto_system_prompt(path: Path) -> str:
+    """``rpsft eval``'s policy (eval.loaders.default_system_prompt): the official boxed instruction for GSM8K and
+    official rows, the rows as written for our own prompt/completion data."""
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                return "boxed" if isinstance(row, dict) and ("question" in row or "reward_model" in row) else "file"
+    return "file"
+
+
+def load_prompts(cfg: RLConfig) -> list[dict]:
+    """``[{"prompt": [messages], "gold": json}]`` built by the evaluation harness's own loader
+    (``rpsft.eval.loaders.load_items``), so RL prompts are exactly the prompts ``rpsft eval`` scores."""
+    from .eval.loaders import load_items
+    from .eval.suites import Benchmark
+
+    path = Path(cfg.data.train).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"RL prompt file {path} does not exist; write the built-in data with `rpsft data synth-math` or point "
+            f"data.train at a GSM8K-style JSONL (question/answer with '#### N'), e.g. "
+            f"--set data.train=../shared/data/gsm8k/train.jsonl")
+    mode = cfg.data.system_prompt
+    if mode == "auto":
+        mode = _auto_system_prompt(path)
+    items = load_items(Benchmark(path.stem, "file", str(path), "auto", 1, "extra"), None, cfg.data.limit, mode)
+    bad = [it["id"] for it in items if it["judge"] != "math"]
+    if bad:
+        raise ValueError(f"{path}: rows {bad[:5]} are not math problems (judge {items[0]['judge']!r}); the RL reward "
+                         "is math correctness, so data.train must hold math rows with a gold answer")
+    from .rl_rewards import encode_gold
+
+    return [{"prompt": it["prompt"], "gold": encode_gold(it["gold"])} for it in items]
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+
+@functools.lru_cache(maxsize=None)
+def _trainer_class():
+    """Built lazily so that importing rpsft.rl (the CLI, the config) does not import torch or TRL."""
+    import torch
+    from trl import GRPOTrainer
+
+    from .rl_rewards import informative_groups
+    from .rl_sampling import pack_groups, refill_size
+
+    class DAPOTrainer(GRPOTrainer):
+        """GRPOTrainer + DAPO dynamic sampling + the optional rotation anchor.
+
+        Dynamic sampling (DAPO Eq. 11). ``_generate_and_score_completions`` is the one place where a whole
+        generation batch (prompts × G) exists scored and before it is split into micro-batches, so the filter
+        lives there: score the batch, keep the groups with 0 < #correct < G, generate more groups from a refill
+        stream of training prompts until the batch is full again (at most ``max_gen_rounds`` rounds), pack the
+        kept groups into one batch of the original size. Missing groups after the last round are filled with
+        masked groups (no gradient, no tokens in the normaliser), so a step never silently trains on groups
+        whose advantages are all zero yet count in the DAPO token mean.
+
+        Anchor: the closed-form gradient of λ·R added once per optimizer step, on the last micro-batch (see
+        rpsft.train for why a training_step override and not a callback).
+        """
+
+        def __init__(self, *args, correctness=None, dynamic_sampling: bool = True, max_gen_rounds: int = 3,
+                     anchor=None, anchor_weight: float = 1.0, anchor_period: int = 1, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.correctness = correctness
+            self.dynamic_sampling = bool(dynamic_sampling)
+            self.max_gen_rounds = int(max_gen_rounds)
+            self.anchor = anchor if anchor is not None and len(anchor) else None
+            self.anchor_weight = float(anchor_weight)
+            self.anchor_period = int(anchor_period)
+            self._refill_order: list[int] = []
+            self._refill_gen = torch.Generator().manual_seed(int(self.args.seed) + 1)
+            if self.dynamic_sampling:
+                if correctness is None:
+                    raise ValueError("dynamic sampling filters on correctness: pass correctness=MathCorrectnessReward")
+                if self.accelerator.num_processes > 1:
+                    raise NotImplementedError(
+                        "dynamic sampling packs whole groups, but with several processes a group's G completions are "
+                        "spread over ranks; set dapo.dynamic_sampling=false for multi-GPU runs")
+            if self.anchor is not None and self.accelerator.distributed_type.name == "DEEPSPEED":
+                raise NotImplementedError("the rotation anchor adds to .grad, which DeepSpeed does not read; use "
+                                          "DDP or FSDP2")
+
+        # -------------------------------------------------------------- anchor
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if (self.anchor is not None and self.anchor_weight != 0.0 and self.accelerator.sync_gradients
+                    and self.state.global_step % self.anchor_period == 0):
+                r = self.anchor.accumulate_grad_(self.accelerator.unwrap_model(self.model), self.anchor_weight)
+                self._metrics["train"]["rpsft/penalty"].append(r)
+                for t, v in self.anchor.relative_drift_by_type().items():
+                    self._metrics["train"][f"rpsft/drift/{t}"].append(v)
+            return loss
+
+        # ---------------------------------------------------- dynamic sampling
+        def _refill_rows(self, n_groups: int) -> list[dict]:
+            """n prompts from a seeded shuffled stream over the training set, each repeated G times (the layout
+            GRPOTrainer's RepeatSampler produces)."""
+            rows = []
+            for _ in range(n_groups):
+                if not self._refill_order:
+                    self._refill_order = torch.randperm(len(self.train_dataset), generator=self._refill_gen).tolist()
+                rows += [self.train_dataset[self._refill_order.pop()]] * self.num_generations
+            return rows
+
+        def _generate_and_score_completions(self, inputs):
+            if not (self.dynamic_sampling and self.model.training):
+                return super()._generate_and_score_completions(inputs)
+            G = self.num_generations
+            need = len(inputs) // G
+            kept: list[tuple[dict, int]] = []
+            spare: list[tuple[dict, int]] = []
+            rows, rounds, generated = inputs, 0, 0
+            while True:
+                scored = super()._generate_and_score_completions(rows)
+                flags = informative_groups(self.correctness.last_correct, G)
+                rounds += 1
+                generated += len(flags)
+                for g, ok in enumerate(flags):
+                    (kept if ok else spare).append((scored, g))
+                if len(kept) >= need or rounds >= self.max_gen_rounds:
+                    break
+                rows = self._refill_rows(refill_size(need - len(kept), len(kept), generated, need))
+            n_fill = max(0, need - len(kept))
+            parts = kept[:need] + spare[:n_fill]
+            batch = pack_groups(parts, G, self._tokenizer.pad_token_id,
+                                filler=[False] * (len(parts) - n_fill) + [True] * n_fill)
+            m = self._metrics["train"]
+            m["dynamic_sampling/informative_frac"].append(len(kept) / generated)
+            m["dynamic_sampling/gen_rounds"].append(rounds)
+            m["dynamic_sampling/masked_groups"].append(n_fill)
+            return batch
+
+    return DAPOTrainer
+
+
+def __getattr__(name: str):
+    if name == "DAPOTrainer":  # rpsft.rl.DAPOTrainer, built on first access
+        return _trainer_class()
+    raise AttributeError(name)
+
+
+def use_vllm_default(requested: bool | None) -> bool:
+    import torch
+
+    available = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if requested and not available:
+        raise ValueError("dapo.use_vllm=true needs the `vllm` package and a CUDA GPU; set dapo.use_vllm=false "
+                         "(transformers generation) or install vllm on a GPU machine")
+    return available if requested is None else bool(requested)
+
+
+def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: list[float], use_vllm: bool,
+                      **overrides: Any):
+    """TRL ``GRPOConfig`` for DAPO from our config; CPU: fp32, no gradient checkpointing, ``use_cpu``."""
+    import torch
+    from trl import GRPOConfig
+
+    d, t = cfg.dapo, cfg.train
+    gpu = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = d.prompts_per_step * d.num_generations
+    if per_step % (d.micro_batch_size * world):
+        raise ConfigError(f"prompts_per_step × num_generations ({per_step}) must be divisible by micro_batch_size × "
+                          f"processes ({d.micro_batch_size} × {world})")
+    bf16 = t.bf16 if t.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
+    gc = t.gradient_checkpointing if t.gradient_checkpointing is not None else gpu
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=t.lr,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=d.micro_batch_size,
+        gradient_accumulation_steps=per_step // (d.micro_batch_size * world),
+        num_generations=d.num_generations,
+        max_completion_length=d.max_completion_length,
+        temperature=d.temperature,
+        top_p=d.top_p,
+        top_k=0,
+        epsilon=d.epsilon_low,
+        epsilon_high=d.epsilon_high,
+        beta=d.beta,
+        loss_type=d.loss_type,
+        mask_truncated_completions=d.mask_truncated_completions,
+        scale_rewards=d.scale_rewards,
+        num_iterations=d.num_iterations,
+        reward_weights=reward_weights,
+        multi_objective_aggregation="sum_then_normalize",  # total reward = Σ w·r, then group-normalised
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=bool(bf16),
+        fp16=False,
+        gradient_checkpointing=bool(gc),
+        use_cpu=not gpu,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        log_completions=t.log_completions,
+        use_vllm=use_vllm,
+    )
+    if use_vllm:
+        kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization)
+    kwargs.update(overrides)
+    return GRPOConfig(**kwargs)
+
+
+def build_trainer(cfg: RLConfig, model, tokenizer, dataset, output_dir: str | Path, anchor=None,
+                  **grpo_overrides: Any):
+    """The DAPO trainer for ``model`` on ``dataset`` (rows ``{"prompt", "gold"}``)."""
+    from .rl_rewards import build_reward_funcs
+
+    d = cfg.dapo
+    funcs, weights, correctness = build_reward_funcs(d.max_completion_length, d.overlong_buffer,
+                                                     d.overlong_penalty, d.judge_timeout_s)
+    args = build_grpo_config(cfg, output_dir, weights, use_vllm_default(d.use_vllm), **grpo_overrides)
+    return _trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                            processing_class=tokenizer, correctness=correctness,
+                            dynamic_sampling=d.dynamic_sampling, max_gen_rounds=d.max_gen_rounds,
+                            anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period)
+
+
+# -------------------------------------------------------------------------------------------------------- run
+
+
+def _progress_callback(console):
+    from .train import RichProgressCallback
+
+    class RLProgress(RichProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is not None and logs and "reward" in logs:
+                desc = f"reward {logs['reward']:+.3f}"
+                if logs.get("accuracy") is not None:
+                    desc += f"  acc {logs['accuracy']:.2f}"
+                if logs.get("completions/mean_length") is not None:
+                    desc += f"  len {logs['completions/mean_length']:.0f}"
+                self.progress.update(self.task, description=desc)
+
+    return RLProgress(console)
+
+
+def _evaluate(cfg: RLConfig, model: str, out: Path, use_vllm: bool) -> dict:
+    from .eval import run_eval
+
+    e = cfg.eval
+    s = run_eval(model, e.suite, k=e.k, limit=e.limit, backend="vllm" if use_vllm else "hf", out_dir=out,
+                 max_new_tokens=e.max_new_tokens or cfg.dapo.max_completion_length, temperature=e.temperature,
+                 top_p=e.top_p, greedy=e.greedy, batch_size=e.batch_size, seed=cfg.train.seed,
+                 system_prompt=e.system_prompt, judge_timeout_s=cfg.dapo.judge_timeout_s)
+    return {name: {key: b.get(key) for key in ("avg_at_k", "accuracy", "pass_at_k", "problems", "k", "mean_tokens",
+                                                "truncated", "answered") if key in b}
+            for name, b in s["benchmarks"].items()} | {"wall_s": s["wall_s"], "dir": str(out)}
+
+
+def _train_stats(rows: list[dict]) -> dict:
+    """First / last logged training reward and accuracy, and seconds per optimizer step, from metrics.jsonl."""
+    logged = [r for r in rows if "reward" in r]
+    out: dict[str, Any] = {}
+    if logged:
+        for key in ("reward", "accuracy", "completions/mean_length"):
+            vals = [r[key] for r in logged if r.get(key) is not None]
+            if vals:
+                out[f"{key}_first"] = vals[0]
+                out[f"{key}_last"] = vals[-1]
+        times = [r["step_time"] for r in logged if r.get("step_time") is not None]
+        if times:
+            out["step_time_mean_s"] = sum(times) / len(times)
+    return out
+
+
+def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = False, console=None,
+           progress: bool = True, extra_callbacks: list | None = None) -> dict:
+    """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .models import load_model
+    from .train import MetricsJsonlCallback, _prepare_output, build_anchor
+
+    validate_rl(cfg)
+    out = Path(cfg.output_dir)
+    # data first: a bad file fails in a second, not after loading weights
+    prompts = load_prompts(cfg)
+    if len(prompts) < cfg.dapo.prompts_per_step:
+        raise ValueError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than dapo.prompts_per_step="
+                         f"{cfg.dapo.prompts_per_step}; lower prompts_per_step or raise data.limit")
+    ckpt = _prepare_output(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "config.yaml", yaml.safe_dump(rl_to_dict(cfg), sort_keys=False))
+    use_vllm = use_vllm_default(cfg.dapo.use_vllm)
+
+    summary: dict[str, Any] = {"init": cfg.init, "output_dir": str(out)}
+    if cfg.eval.enabled and cfg.eval.before:
+        summary["eval_before"] = _evaluate(cfg, cfg.init, out / "eval-init", use_vllm)
+
+    import datasets
+
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_model(cfg.init, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    anchor = None
+    if cfg.anchor.enabled:
+        anchor = build_anchor(model, cfg, progress=progress)  # frames of the init (SFT) weights; cached bases
+        anchor = anchor if len(anchor) else None
+    trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(MetricsJsonlCallback(out / "metrics.jsonl"))
+    if progress:
+        trainer.add_callback(_progress_callback(console))
+    for cb in extra_callbacks or []:
+        trainer.add_callback(cb)
+
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_s = time.perf_counter() - t0
+    trainer.save_model(str(out))
+    steps = trainer.state.global_step
+    start = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
+    summary.update({
+        "global_step": steps,
+        "train_seconds": round(train_s, 2),
+        "seconds_per_step": round(train_s / max(steps - start, 1), 2),  # wall clock, generation included
+        "prompts": len(prompts),
+        "generation": "vllm" if use_vllm else "transformers",
+        "anchor": None if anchor is None else {"matrices": len(anchor), "ranks": sorted(set(anchor.ranks.values())),
+                                               "lam": cfg.anchor.lam,
+                                               "final_penalty": anchor.penalty(model).item()},
+        "train": _train_stats(io.read_jsonl(out / "metrics.jsonl")),
+        "resumed_from": str(ckpt) if ckpt else None,
+        "metrics": str(out / "metrics.jsonl"),
+        "config": rl_to_dict(cfg),
+    })
+    del trainer, model
+    if cfg.eval.enabled:
+        summary["eval_after"] = _evaluate(cfg, str(out), out / "eval", use_vllm)
+    io.write_json(out / "run.json", summary)
+    return summary

@@ -1,0 +1,62 @@
+"""``rpsft rl``: DAPO from an SFT checkpoint (registered by rpsft.cli as ``app.add_typer(rl_cli.app, name="rl")``).
+
+Imports stay cheap: torch, TRL and the trainer load inside the command."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="DAPO reinforcement learning from an SFT checkpoint (TRL GRPOTrainer, loss_type=dapo).",
+                  add_completion=False, pretty_exceptions_enable=False)
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)
+
+
+@app.callback(invoke_without_command=True)
+def rl(
+    init: Optional[str] = typer.Option(None, "--init", "-i",
+                                       help="SFT checkpoint to start from (rpsft train output dir, embedded name "
+                                            "or hub id); overrides init: in the config."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/rl-demo.yaml)."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set dapo.num_generations=8"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run: 'latest' or a checkpoint dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in output_dir first."),
+) -> None:
+    """Run DAPO (clip-higher, token-level loss, overlong shaping, dynamic sampling) from --init; writes the RL
+    checkpoint, metrics.jsonl, config.yaml and run.json to output_dir."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        from .rl import load_rl_config, run_rl
+
+        cfg = load_rl_config(config, set_, init=init)
+        d = cfg.dapo
+        console.print(f"[bold]rpsft rl[/bold] init={cfg.init} data={cfg.data.train} G={d.num_generations} "
+                      f"prompts/step={d.prompts_per_step} L_max={d.max_completion_length} lr={cfg.train.lr} "
+                      f"steps={cfg.train.max_steps} anchor={'on' if cfg.anchor.enabled else 'off'} -> "
+                      f"{cfg.output_dir}", highlight=False)
+        summary = run_rl(cfg, resume=resume, overwrite=overwrite, console=console)
+    except USER_ERRORS as e:
+        if os.environ.get("RPSFT_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    t = summary["train"]
+    line = f"[green]done[/green] {summary['global_step']} steps, {summary['seconds_per_step']:.1f} s/step"
+    if "reward_first" in t:
+        line += f"; train reward {t['reward_first']:+.3f} (first step) -> {t['reward_last']:+.3f} (last)"
+    console.print(line, highlight=False)
+    for when in ("eval_before", "eval_after"):
+        for name, b in summary.get(when, {}).items():
+            if isinstance(b, dict) and "avg_at_k" in b:
+                console.print(f"{when}: {name} avg@{b['k']} {100 * b['avg_at_k']:.1f}% over {b['problems']} problems",
+                              highlight=False)
+    out = Path(summary["output_dir"])
+    console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
+                  f"metrics:    {out / 'metrics.jsonl'}\nsummary:    {out / 'run.json'}", highlight=False)
