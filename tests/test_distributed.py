@@ -71,6 +71,21 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert rel < 1e-5, (name, rel)  # fp32 round-off of a different summation order
             t = anchor.terms[name]
             assert (t.W0 if t.full else t.U).shape[0] == local.shape[0]  # only this rank's rows are kept
+        # The same in fp64: the sharded math is exact, the ~1e-6 above is only fp32 summation order.
+        anchor64 = RotationAnchor.from_model(make_tiny_llama(64, inter=80, hidden=48), rank=rank_spec,
+                                             dtype=torch.float64)
+        ref64 = RotationAnchor.from_model(make_tiny_llama(64, inter=80, hidden=48), rank=rank_spec,
+                                          dtype=torch.float64)
+        for p in model.parameters():
+            p.grad = None
+        ref_model.zero_grad(set_to_none=True)
+        r64 = anchor64.accumulate_grad_(model, weight=0.5)
+        assert abs(r64 - ref64.accumulate_grad_(ref_model, weight=0.5)) <= 1e-12 * r64
+        for name, p in model.named_parameters():
+            if name in anchor64.terms:
+                local, row0, _ = row_shard(p)
+                want = refp[name].grad[row0:row0 + local.shape[0]]
+                assert float((p.grad.to_local() - want).norm() / want.norm()) < 1e-6, name
         drift = anchor.drift(model)
         ref_drift = ref.drift(ref_model)
         for n in drift:

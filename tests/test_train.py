@@ -47,6 +47,7 @@ def run_trainer(cls, cfg, **kw):
     args = build_sft_config(cfg, cfg.output_dir)
     if cls is AnchoredSFTTrainer:
         kw.update(anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period)
+        kw.setdefault("anchor_mode", "auto")
     elif cls is PerMicroBatchPenalty:
         kw.update(anchor=anchor, lam=cfg.anchor.lam)
     trainer = cls(model=model, args=args, train_dataset=ds, processing_class=tok, **kw)
@@ -70,6 +71,10 @@ def test_once_per_step_equals_per_microbatch_objective(tiny_model_dir, synth_dat
     assert max_rel_diff(ours, ref) < 1e-5
     # the anchor really changed the trajectory, so the equality above is not SFT == SFT
     assert max_rel_diff(ours, plain) > 1e3 * max(max_rel_diff(ours, ref), 1e-9)
+    # the autograd form on the window's last micro-batch (our DeepSpeed path) is the same objective too
+    auto, _ = run_trainer(AnchoredSFTTrainer, cfg_for(tiny_model_dir, synth_data, tmp_path / "d", *sgd),
+                          anchor_mode="autograd")
+    assert max_rel_diff(auto, ref) < 1e-5
     logged = [h for h in trainer.state.log_history if "rpsft/penalty" in h]
     assert len(logged) == 3 and logged[0]["rpsft/penalty"] < 1e-8 < logged[-1]["rpsft/penalty"]
     assert {f"rpsft/drift/{t}" for t in ("q_proj", "down_proj")} <= set(logged[-1])

@@ -165,15 +165,21 @@ class RotationAnchor:
         A = (t.U.T @ W) @ t.V if n <= m else t.U.T @ (W @ t.V)
         return A - torch.diag_embed(t.S)
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        """R = Σ ‖A‖²_F as a differentiable scalar (autograd path; training uses accumulate_grad_)."""
+    def penalty(self, model: torch.nn.Module, record: bool = False) -> torch.Tensor:
+        """R = Σ ‖A‖²_F as a differentiable scalar (autograd path; training uses accumulate_grad_).
+
+        ``record=True`` also keeps each matrix's ‖A‖² in ``last_sq`` (for drift logging) at no extra cost."""
         params = self._params(model)
         total = None
+        if record:
+            self.last_sq = {}
         for name, t in self.terms.items():
             if is_dtensor(params[name]):
                 raise NotImplementedError("penalty() is the autograd path for unsharded weights; under FSDP2 use "
                                           "accumulate_grad_ (closed form, returns R) or drift()")
             r = self._residual(t, params[name]).pow(2).sum()
+            if record:
+                self.last_sq[name] = float(r.detach())
             total = r if total is None else total + r
         if total is None:
             return torch.zeros((), dtype=self.dtype)

@@ -50,6 +50,7 @@ class AnchorConfig:
     niter: int = 8  # power iterations for svd=randomized
     dtype: str = "float32"  # precision of bases and penalty (float64 for the precision study)
     cache_dir: str | None = None  # default: <cache root>/bases
+    mode: str = "auto"  # closed_form (∇R added to .grad) | autograd (λR in the last micro-batch loss) | auto
 
 
 @dataclass
@@ -278,6 +279,8 @@ def validate(cfg: Config) -> None:
         (a.period >= 1, f"anchor.period must be >= 1 (apply every s optimizer steps), got {a.period}"),
         (a.lam >= 0, f"anchor.lam must be >= 0, got {a.lam}"),
         (a.svd in ("exact", "gram", "randomized"), f"anchor.svd must be exact, gram or randomized, got {a.svd!r}"),
+        (a.mode in ("auto", "closed_form", "autograd"), f"anchor.mode must be auto, closed_form or autograd, got "
+                                                          f"{a.mode!r}"),
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
     for ok, msg in checks:

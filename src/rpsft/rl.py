@@ -445,7 +445,6 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
         data_seed=t.seed,
         bf16=bool(bf16),
         fp16=False,
-        gradient_checkpointing=bool(gc),
         use_cpu=not gpu,
         report_to=[],
         disable_tqdm=True,
@@ -454,6 +453,8 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
         log_completions=t.log_completions,
         use_vllm=use_vllm,
     )
+    if gc:  # only when wanted: transformers 5 warns about the old field name whenever it is passed
+        kwargs["gradient_checkpointing"] = True
     if use_vllm:
         kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization)
     kwargs.update(overrides)

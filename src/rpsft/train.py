@@ -35,28 +35,58 @@ class AnchoredSFTTrainer(SFTTrainer):
     """``SFTTrainer`` + a :class:`RotationAnchor` applied once per optimizer step (every ``anchor_period`` steps)."""
 
     def __init__(self, *args, anchor: RotationAnchor | None = None, anchor_weight: float = 1.0,
-                 anchor_period: int = 1, method_config: Config | None = None, **kwargs):
+                 anchor_period: int = 1, method_config: Config | None = None, anchor_mode: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         self.method_config = method_config  # the full run config, for methods with options of their own
         self.anchor = anchor if anchor is not None and len(anchor) else None
         self.anchor_weight = float(anchor_weight)
         self.anchor_period = int(anchor_period)
+        self.anchor_mode = self._resolve_mode(anchor_mode)
         self._penalties: list[float] = []
         self._drift: dict[str, float] = {}
-        if self.anchor is not None and self.accelerator.distributed_type.name == "DEEPSPEED":
-            # DeepSpeed keeps gradients in its own partitioned buffers, so adding to .grad would be a silent no-op.
-            raise NotImplementedError(
-                "the rotation anchor adds its gradient to .grad, which DeepSpeed does not read; use DDP or FSDP2 "
-                "(accelerate configs in configs/accelerate/)"
-            )
+
+    def _resolve_mode(self, mode: str) -> str:
+        """closed_form everywhere ∇R can be added to .grad; autograd under DeepSpeed ZeRO-1/2; ZeRO-3 refused."""
+        if self.anchor is None:
+            return mode
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None:
+            if getattr(plugin, "zero_stage", 0) == 3:
+                raise NotImplementedError(
+                    "DeepSpeed ZeRO-3 partitions the weights themselves; the rotation anchor needs full matrices (or "
+                    "FSDP2 row shards). Use ZeRO-2 (configs/accelerate/zero2.yaml) or FSDP2 (fsdp2.yaml).")
+            if mode == "closed_form":
+                raise NotImplementedError("anchor.mode=closed_form adds to .grad, which DeepSpeed does not read; use "
+                                          "anchor.mode=auto (autograd under DeepSpeed)")
+            return "autograd"  # DeepSpeed owns the gradient buffers: let it differentiate λR like any loss term
+        return "closed_form" if mode == "auto" else mode
 
     def anchor_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def _anchor_due(self) -> bool:
+        return (self.anchor is not None and self.anchor_weight != 0.0 and self.accelerator.sync_gradients
+                and self.state.global_step % self.anchor_period == 0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.anchor_mode != "autograd" or not self._anchor_due() or not model.training:
+            return out
+        # λR enters once per window, on its last micro-batch. Trainer divides a loss by the window length unless it
+        # is already normalised by num_items_in_batch; c undoes that so the window's total is L_task + λR.
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        c = 1 if scaled else self.current_gradient_accumulation_steps
+        r = self.anchor.penalty(self.anchor_model(), record=True)
+        self._penalties.append(float(r.detach()))
+        self._drift = self.anchor.relative_drift_by_type()
+        extra = (self.anchor_weight * c) * r.to(out[0].dtype if return_outputs else out.dtype)
+        return (out[0] + extra, out[1]) if return_outputs else out + extra
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        due = self.anchor_mode == "closed_form" and self._anchor_due()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if (self.anchor is not None and self.anchor_weight != 0.0 and self.accelerator.sync_gradients
-                and self.state.global_step % self.anchor_period == 0):
+        if due:
             r = self.anchor.accumulate_grad_(self.anchor_model(), self.anchor_weight)
             self._penalties.append(r)
             self._drift = self.anchor.relative_drift_by_type()
@@ -218,6 +248,8 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
+    args = build_sft_config(cfg, out, **method.sft_overrides)
+    _ = args.device  # initialises the process group under `accelerate launch`, so bases are split across ranks
     t0 = time.perf_counter()
     anchor = build_anchor(model, cfg, full_rank=method.anchor == "full", progress=progress) if use_anchor else None
     anchor_s = time.perf_counter() - t0
@@ -228,10 +260,10 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     if anchor is not None and method.wrap_anchor is not None:
         anchor = method.wrap_anchor(anchor, model, cfg)  # e.g. the anchor on W0 + s·BA of a PEFT model
 
-    args = build_sft_config(cfg, out, **method.sft_overrides)
     trainer_cls = method.trainer_class() if method.trainer_class is not None else AnchoredSFTTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, anchor=anchor,
-                          anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg)
+                          anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg,
+                          anchor_mode=cfg.anchor.mode)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     trainer.add_callback(MetricsJsonlCallback(out / "metrics.jsonl"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,6 @@ def test_dft_trains_and_composes_with_the_anchor(make_cfg):
     summary = train(cfg, progress=False)
     assert summary["global_step"] == 2 and summary["anchor"]["matrices"] == 14
     assert summary["config"]["method"] == "dft"
-    rows = [json.loads(x) for x in (cfg.output_dir and open(f"{cfg.output_dir}/metrics.jsonl")).read().splitlines()]
+    rows = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2 and all("rpsft/penalty" in r for r in steps)

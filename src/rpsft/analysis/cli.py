@@ -180,9 +180,8 @@ def rotation(
                                 for ck in rep["checkpoints"] for r in ck["matrices"]])
     plot_rotation(rep, out / "rotation.png")
     t = Table(title=f"mean principal angle (degrees), K = min({k}, m, n)")
-    for col in ["checkpoint", "layer-mean U", "layer-mean V", "max-layer U", "max-layer V",
-                f"{rep['checkpoints'][0]['rankwise']['matrix'].removesuffix('.weight') if rep['checkpoints'][0]['rankwise'] else ''} U"]:
-        t.add_column(col, justify="right")
+    for col in ["checkpoint", "layer-mean U", "layer-mean V", "max-layer U", "max-layer V", "rankwise U @ K"]:
+        t.add_column(col, justify="left" if col == "checkpoint" else "right", no_wrap=col == "checkpoint")
     for ck in rep["checkpoints"]:
         lm = ck["layer_mean"]
         lu = max((r["u_mean_deg"] for r in ck["layers"]), default=float("nan"))
@@ -193,6 +192,9 @@ def rotation(
                   f"{rw['u_deg'][-1]:.4f}" if rw else "-")
     con = _console()
     con.print(t)
+    rw0 = rep["checkpoints"][0]["rankwise"]
+    if rw0:
+        con.print(f"rankwise curve: {rw0['matrix']}")
     con.print(f"wrote {out}/rotation.json, rotation.csv, rotation.png  [{rep['seconds']:.1f}s]")
 
 

@@ -1,0 +1,40 @@
+"""``rpsft compare --config configs/compare-demo.yaml [--set key=value ...]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="Train methods, evaluate ID/OOD, analyse, and tabulate (the paper's study).",
+                  add_completion=False)
+
+
+@app.callback(invoke_without_command=True)
+def compare(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Compare config (configs/compare-demo.yaml)."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set id.limit=20"),
+    plan: bool = typer.Option(False, "--plan", help="Print the runs that would be trained and exit."),
+):
+    """Re-running skips every finished stage and resumes interrupted training."""
+    from rich.console import Console
+
+    from .cli import friendly_errors
+    from .compare import load_compare_config, plan_runs, run_compare
+
+    console = Console(stderr=True)
+
+    @friendly_errors
+    def go():
+        cfg = load_compare_config(config, set_)
+        if plan:
+            for r in plan_runs(cfg):
+                console.print(f"{r.name}: {' '.join(r.overrides)}" + (f"  (also: {', '.join(r.aliases)})"
+                                                                      if r.aliases else ""), highlight=False)
+            return
+        summary = run_compare(cfg, log=lambda m: console.print(m, highlight=False))
+        console.print((Path(cfg.output_dir) / "table.md").read_text(), highlight=False)
+        return summary
+
+    go()

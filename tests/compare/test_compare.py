@@ -1,0 +1,56 @@
+"""The experiment pipeline end to end on a tiny model: two methods + a 2-point sweep, then a resumed re-run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rpsft.compare import load_compare_config, plan_runs, render_table, run_compare
+from rpsft.config import ConfigError
+
+
+def make_cfg(tmp_path, tiny_model_dir, synth_data, *extra):
+    train_cfg = tmp_path / "train.yaml"
+    train_cfg.write_text(
+        f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {synth_data['train']}, limit: 16, max_length: 96}}\n"
+        "anchor: {rank: 4}\ntrain: {max_steps: 2, batch_size: 4, grad_accum: 1, lr: 1.0e-3, save_steps: 1}\n")
+    return load_compare_config(None, [
+        f"output_dir={tmp_path / 'out'}", f"train_config={train_cfg}",
+        "methods=[{name: sft}, {name: rpsft}]", "sweep={method: rpsft, ranks: [2, 4]}",
+        "id={suites: [synth-math], optional: [gsm8k-nowhere.jsonl], limit: 3, max_new_tokens: 12, batch_size: 3}",
+        "ood={suites: []}", "drift_limit=4", *extra])
+
+
+def test_plan_dedupes_identical_runs(tmp_path, tiny_model_dir, synth_data):
+    runs = plan_runs(make_cfg(tmp_path, tiny_model_dir, synth_data))
+    assert [r.name for r in runs] == ["sft", "rpsft", "rpsft-k2"]  # rpsft-k4 is the rpsft run (rank 4)
+    assert runs[1].aliases == ["rpsft-k4"]
+    with pytest.raises(ConfigError, match="unknown compare key"):
+        load_compare_config(None, ["method=sft"])
+
+
+def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, monkeypatch):
+    monkeypatch.setenv("RPSFT_SYNTH_DIR", str(synth_data["test"].parent))
+    cfg = make_cfg(tmp_path, tiny_model_dir, synth_data)
+    logs = []
+    summary = run_compare(cfg, log=logs.append)
+    out = tmp_path / "out"
+    for f in ("summary.json", "table.md", "tradeoff.png", "rank_sweep.png", "rotation.png", "drift.png"):
+        assert (out / f).is_file(), f
+    rows = {r["run"]: r for r in summary["rows"]}
+    assert set(rows) == {"sft", "rpsft", "rpsft-k2", "base"}
+    assert rows["base"]["probe_kl"] == 0.0 and rows["sft"]["probe_kl"] > 0
+    assert rows["sft"]["rotation_deg"] > 0 and rows["rpsft"]["drift"] > 0
+    assert rows["rpsft"]["cost"]["anchor_mib"] > 0 and rows["sft"]["cost"]["anchor_mib"] == 0
+    assert rows["sft"]["delta"]["probe_kl"] == pytest.approx(rows["sft"]["probe_kl"])
+    assert "id:synth-math" in rows["base"]
+    skipped = json.loads((out / "stages" / "base" / "eval-id.json").read_text())["skipped"]
+    assert "gsm8k-nowhere.jsonl" in skipped
+    table = render_table(summary)
+    assert table.splitlines()[0].startswith("| run | k | id:synth-math")
+    # a second run redoes nothing: every stage is skipped
+    logs.clear()
+    run_compare(cfg, log=logs.append)
+    assert not any(m.endswith("...") for m in logs), logs
+    assert sum("skip" in m for m in logs) >= 10
