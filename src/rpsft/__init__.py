@@ -1,0 +1,34 @@
+"""rpsft — Rotation-Preserving Supervised Fine-Tuning.
+
+Public API (imported lazily so that ``rpsft --help`` does not pay for torch):
+``RotationAnchor``, ``select_matrices``, ``resolve_ranks``, ``load_model``, ``load_config``, ``train``,
+``AnchoredSFTTrainer``, ``compute_bases``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RotationAnchor": "anchor",
+    "select_matrices": "selection",
+    "resolve_ranks": "selection",
+    "DEFAULT_TARGETS": "selection",
+    "compute_bases": "bases",
+    "load_model": "models",
+    "load_tokenizer": "models",
+    "load_config": "config",
+    "Config": "config",
+    "train": "train",
+    "AnchoredSFTTrainer": "train",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'rpsft' has no attribute {name!r}")

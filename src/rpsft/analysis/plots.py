@@ -49,26 +49,29 @@ def plot_energy(report: dict, path: str | Path) -> None:
     few = len(mats) <= 8
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.4))
     seen = set()
-    for m in mats:
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(mats):
         y = np.asarray(m["y"])
         r = np.arange(1, len(y) + 1)
         x = r ** 2 / m["R"] ** 2
-        label = m["name"] if few else (m["type"] if m["type"] not in seen else None)
+        k = m["rank_for_target"]
+        label = (f"{m['name']} (r={k})" if k else m["name"]) if few else (m["type"] if m["type"] not in seen else None)
         seen.add(m["type"])
-        kw = dict(color=colors[m["type"]], lw=1.6 if few else 0.8, alpha=1.0 if few else 0.6, label=label)
+        color = cmap(i % 10) if few else colors[m["type"]]  # few curves: one colour each; many: one per type
+        kw = dict(color=color, lw=1.6 if few else 0.8, alpha=1.0 if few else 0.6, label=label)
         a.plot(x, y, **kw)
         b.plot(r, y, **kw)
-        if few and m["rank_for_target"]:
-            k = m["rank_for_target"]
-            b.plot([k], [y[k - 1]], "o", color=colors[m["type"]])
-            b.annotate(f"r={k}", (k, y[k - 1]), textcoords="offset points", xytext=(6, -12), fontsize=9)
+        if few and k:
+            b.plot([k], [y[k - 1]], "o", color=color)
+            if len(mats) == 1:  # several labels would collide; the legend carries r then
+                b.annotate(f"r={k}", (k, y[k - 1]), textcoords="offset points", xytext=(6, -12), fontsize=9)
     a.plot([0, 1], [0, 1], "k--", lw=1, label="y = x (uniform energy)")
     a.set(xlabel="x(r) = r² / R²  (area of the anchored block)", ylabel="y(r)  (share of gradient energy)",
           xlim=(0, 1), ylim=(0, 1.02), title="Gradient energy in the top-r frame")
     b.axhline(report["target"], color="gray", ls=":", lw=1, label=f"target {report['target']:.0%}")
     b.set(xlabel="r", ylabel="y(r)", ylim=(0, 1.02), title=f"{report['samples']} samples · {_short_path(report['data'])}")
     a.legend(fontsize=8, loc="lower right")
-    b.legend(fontsize=8, loc="lower right")
+    b.legend(fontsize=8, loc="upper left")
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
     _save(fig, path)
@@ -98,9 +101,12 @@ def plot_rotation(report: dict, path: str | Path) -> None:
     axes[2].set(xlabel="prefix rank r", ylabel="mean angle over top-r (°)",
                 title=f"rankwise: {rw0['matrix'] if rw0 else ''}")
     axes[2].title.set_fontsize(9)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _save(fig, path)
 
 
@@ -110,6 +116,9 @@ def plot_first_order(report: dict, path: str | Path) -> None:
     for ck in report["checkpoints"]:
         ax.plot([r["layer"] for r in ck["layers"]], [r["mean_inner"] for r in ck["layers"]], "o-", ms=3,
                 label=f"{ck['label']} (Σ = {ck['total_inner']:.3g})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(0, color="k", lw=0.8)
     ax.set(xlabel="layer", ylabel="mean ⟨g_W, W_tuned − W_base⟩ over projections",
            title=f"First-order loss change per layer ({report['samples']} samples; < 0 = downhill)")
