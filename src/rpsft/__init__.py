@@ -1,7 +1,7 @@
 """rpsft — Rotation-Preserving Supervised Fine-Tuning.
 
 Public API (imported lazily so that ``rpsft --help`` does not pay for torch):
-``RotationAnchor``, ``select_matrices``, ``resolve_ranks``, ``load_model``, ``load_config``, ``train``,
+``RotationAnchor``, ``select_matrices``, ``resolve_ranks``, ``load_model``, ``load_config``,
 ``AnchoredSFTTrainer``, ``compute_bases``.
 """
 
@@ -21,7 +21,6 @@ _EXPORTS = {
     "load_tokenizer": "models",
     "load_config": "config",
     "Config": "config",
-    "train": "train",
     "AnchoredSFTTrainer": "train",
 }
 

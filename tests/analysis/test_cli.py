@@ -44,6 +44,11 @@ def test_energy_cli_writes_rank_map(tiny, tmp_path):
         assert m["y"][ranks[m["name"]] - 1] >= 0.2 and (ranks[m["name"]] == 1 or m["y"][ranks[m["name"]] - 2] < 0.2)
         assert set(m["y_at"]) == {"2", "4"} and len(m["y"]) == m["R"]
     assert rep["samples"] == 3
+    # the file is accepted as-is by the training side's rank resolution (`--set anchor.rank=@ranks.json`)
+    from rpsft.selection import resolve_ranks
+
+    shapes = [(m["name"], tuple(m["shape"])) for m in rep["matrices"]]
+    assert resolve_ranks(shapes, f"@{out / 'ranks.json'}") == ranks
     lines = (out / "energy.csv").read_text().splitlines()
     assert lines[0] == "name,type,layer,r,x,y" and len(lines) == 1 + sum(m["R"] for m in rep["matrices"])
     _png(out / "energy.png")
