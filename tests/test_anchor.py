@@ -10,7 +10,7 @@ import torch
 from rpsft.anchor import RotationAnchor
 from rpsft.selection import SelectionError
 
-from conftest import make_tiny_llama
+from rpsft_testing import make_tiny_llama
 
 
 def perturb_(model, scale=1e-2, seed=1):

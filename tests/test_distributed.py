@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from torch.distributed.fsdp import fully_shard
 
         import rpsft.bases as bases
-        from conftest import make_tiny_llama
+        from rpsft_testing import make_tiny_llama
         from rpsft.anchor import RotationAnchor
 
         calls = []

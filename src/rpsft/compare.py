@@ -133,15 +133,19 @@ def _train_config(cfg: CompareConfig, run: Run, root: Path):
     return load_config(cfg.train_config, [*cfg.train_set, *run.overrides, f"output_dir={root / 'runs' / run.name}"])
 
 
-def _stage(path: Path, fn: Callable[[], dict], log: Callable[[str], None], what: str) -> dict:
-    """Run ``fn`` unless ``path`` already holds its result; write the result atomically."""
+def _stage(path: Path, fn: Callable[[], dict], log: Callable[[str], None], what: str, key: Any = None) -> dict:
+    """Run ``fn`` unless ``path`` already holds its result for the same inputs (``key``); write it atomically."""
+    key = json.loads(json.dumps(key, default=str))
     if path.is_file():
-        log(f"[dim]skip {what}: {path} exists[/dim]")
-        return json.loads(path.read_text())
+        old = json.loads(path.read_text())
+        if old.get("stage_key") == key:
+            log(f"[dim]skip {what}: {path} is up to date[/dim]")
+            return old
+        log(f"[yellow]{what}: inputs changed since {path} was written; redoing it[/yellow]")
     t = time.perf_counter()
     log(f"[bold]{what}[/bold] ...")
     result = fn()
-    result = {**result, "stage_seconds": round(time.perf_counter() - t, 1)}
+    result = {**result, "stage_seconds": round(time.perf_counter() - t, 1), "stage_key": key}
     io.write_json(path, result)
     log(f"  {what} done in {result['stage_seconds']:.0f}s")
     return result
@@ -174,8 +178,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             resume = "latest" if latest_checkpoint(run_dir) is not None else None
             return train(tcfg, resume=resume, overwrite=resume is None, progress=True)
 
+        key = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
         results[r.name] = {"train": _stage(root / "stages" / r.name / "train.json", do_train, log,
-                                           f"train {r.name}"), "k": r.k, "method": tcfg.method}
+                                           f"train {r.name}", key=key), "k": r.k, "method": tcfg.method}
         models[r.name] = eval_model_path(run_dir)
 
     for name, model in models.items():
@@ -183,15 +188,16 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         stage_dir = root / "stages" / name
         if cfg.id.suites or cfg.id.optional:
             res["id"] = _stage(stage_dir / "eval-id.json", lambda m=model, n=name: _eval(cfg, cfg.id, m, root, n, "id"),
-                               log, f"eval-id {name}")
+                               log, f"eval-id {name}", key=[model, cfg.id])
         if cfg.ood.suites or cfg.ood.optional:
             res["ood"] = _stage(stage_dir / "eval-ood.json",
-                                lambda m=model, n=name: _eval(cfg, cfg.ood, m, root, n, "ood"), log, f"eval-ood {name}")
+                                lambda m=model, n=name: _eval(cfg, cfg.ood, m, root, n, "ood"), log, f"eval-ood {name}",
+                                key=[model, cfg.ood])
         if cfg.probe and name != "base":
             from .eval.probe import forgetting_probe
 
             res["probe"] = _stage(stage_dir / "probe.json", lambda m=model: _strip(forgetting_probe(base_model, m)),
-                                  log, f"probe {name}")
+                                  log, f"probe {name}", key=[base_model, model])
     tuned = [n for n in models if n != "base"]
     analysis = {}
     if cfg.rotation and tuned:
@@ -203,7 +209,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             plot_rotation(rep, root / "rotation.png")
             return rep
 
-        analysis["rotation"] = _stage(root / "stages" / "rotation.json", do_rotation, log, "rotation analysis")
+        analysis["rotation"] = _stage(root / "stages" / "rotation.json", do_rotation, log, "rotation analysis",
+                                      key=[base_model, [models[n] for n in tuned]])
     if cfg.drift_limit > 0 and tuned:
         from .analysis.drift import run_drift
         from .analysis.plots import plot_drift
@@ -214,7 +221,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             plot_drift(rep, root / "drift.png")
             return rep
 
-        analysis["drift"] = _stage(root / "stages" / "drift.json", do_drift, log, "drift analysis")
+        analysis["drift"] = _stage(root / "stages" / "drift.json", do_drift, log, "drift analysis",
+                                   key=[base_model, [models[n] for n in tuned], cfg.drift_data, cfg.drift_limit])
 
     summary = build_summary(cfg, results, analysis, models)
     io.write_json(root / "summary.json", summary)

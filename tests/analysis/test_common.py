@@ -39,3 +39,23 @@ def test_weight_reader_and_meta_selection(tiny):
     w = WeightReader(tiny["tuned"]).get(names[0][0])
     b = WeightReader(tiny["base"]).get(names[0][0])
     torch.testing.assert_close(w - b, tiny["delta"][names[0][0]], rtol=1e-5, atol=1e-6)
+
+
+def test_weight_reader_merges_peft_adapter(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from rpsft.models import load_model
+
+    model, _ = load_model(tiny["base"])
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)  # B = 0 at init would make the merge a no-op and the test vacuous
+    peft_model.save_pretrained(tmp_path / "adapter")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = layer.base_layer.weight + layer.get_delta_weight("default")
+    got = WeightReader(str(tmp_path / "adapter")).get(name)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, WeightReader(tiny["base"]).get(name))

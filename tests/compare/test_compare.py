@@ -54,3 +54,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
     run_compare(cfg, log=logs.append)
     assert not any(m.endswith("...") for m in logs), logs
     assert sum("skip" in m for m in logs) >= 10
+    # a changed input redoes exactly the stages that depend on it
+    logs.clear()
+    run_compare(make_cfg(tmp_path, tiny_model_dir, synth_data, "drift_limit=3"), log=logs.append)
+    redone = [m for m in logs if m.endswith("...")]
+    assert [m for m in redone] == ["[bold]drift analysis[/bold] ..."], redone

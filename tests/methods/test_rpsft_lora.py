@@ -4,7 +4,6 @@ closed-form gradient equals autograd, it trains, and it refuses matrices LoRA do
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -125,17 +124,16 @@ def test_rpsft_lora_trains_and_the_anchor_holds_the_frame(make_cfg, tiny_model_d
 
     from rpsft.models import load_model
 
-    common = tuple(os.environ.get("XCOMMON", "train.max_steps=4,train.lr=3e-2,anchor.lam=100").split(","))
+    common = ("train.max_steps=8", "train.lr=1e-2", "anchor.lam=100")
     anchored = train(make_cfg("rpsft_lora", *common), progress=False)
     plain_cfg = make_cfg("lora", *common)
     train(plain_cfg, progress=False)
     rows = [r for r in read_jsonl(f"{anchored['output_dir']}/metrics.jsonl") if "loss" in r]
-    assert rows[0]["rpsft/penalty"] == 0.0 < rows[-1]["rpsft/penalty"]  # B = 0 at step 1
+    assert len(rows) == 8 and rows[0]["rpsft/penalty"] == 0.0 < rows[-1]["rpsft/penalty"]  # B = 0 at step 1
     assert "rpsft/drift/q_proj" in rows[-1]
     # the same anchor measured on the unanchored LoRA run: without λR the frame drifts much further
     initial, _ = load_model(str(tiny_model_dir))
     frame = LoraRotationAnchor.from_dense(RotationAnchor.from_model(initial, rank=4),
                                           PeftModel.from_pretrained(initial, plain_cfg.output_dir))
     free = frame.penalty(PeftModel.from_pretrained(load_model(str(tiny_model_dir))[0], plain_cfg.output_dir)).item()
-    print(f"anchored R = {anchored['anchor']['final_penalty']:.3e}, unanchored R = {free:.3e}")
-    assert anchored["anchor"]["final_penalty"] < 0.5 * free
+    assert anchored["anchor"]["final_penalty"] < 0.2 * free  # measured: 0.024 vs 0.82

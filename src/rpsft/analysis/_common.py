@@ -211,5 +211,9 @@ def pad_batch(tokenizer, texts: list[str], device, side: str = "left") -> dict:
 
 
 def checkpoint_label(spec: str) -> str:
+    """Legend label: the directory name, with its run directory for Trainer's ``checkpoint-N`` subfolders."""
     p = Path(spec)
-    return p.name or spec if p.exists() else spec
+    if not p.exists():
+        return spec
+    p = p.resolve()
+    return f"{p.parent.name}/{p.name}" if p.name.startswith("checkpoint-") else p.name

@@ -48,7 +48,6 @@ def judge_completion(item: dict, completion: str, flex: bool = False, timeout_s:
 
 
 def _check_run(out: Path, config: dict) -> None:
-    from rpsft.io import write_json as _wj
     import json
 
     path = out / "run.json"
@@ -59,7 +58,7 @@ def _check_run(out: Path, config: dict) -> None:
             raise RuntimeError(
                 f"{out} holds samples made with other settings {diff} (old, new); pass a new --out directory, "
                 f"or delete {out / 'samples.jsonl'} to start over")
-    _wj(path, config)
+    write_json(path, config)
 
 
 def _read_samples(path: Path) -> list[dict]:

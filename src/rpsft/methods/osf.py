@@ -1,11 +1,12 @@
 """Orthogonal Subspace Fine-tuning (PEFT ``OSFConfig``, peft ≥ 0.18): the hard-projection relative of RPSFT.
 
 Per adapted matrix OSF splits the pretrained SVD at ``effective_rank`` k: the top-k part U_h S_h V_hᵀ is frozen, the
-rest U_l S_l V_lᵀ is trained with gradients projected orthogonal to U_h / V_h, so U_l, V_l never enter the frozen
-subspaces. Hence U_hᵀ W V_h = S_h holds *exactly* all along: RPSFT's penalty at the same k stays zero (checked in
-tests/methods/test_osf.py), and OSF additionally freezes the off-diagonal blocks U_hᵀ W V_l = 0 that RPSFT leaves free
-— a hard constraint where RPSFT has a soft one. That is why it refuses the rotation anchor: at k ≤ effective_rank the
-anchor is identically zero, at larger k it would fight the frozen split.
+rest U_l S_l V_lᵀ is trained with gradients projected orthogonal to U_h / V_h. Under SGD, U_l and V_l never enter the
+frozen subspaces, so U_hᵀ W V_h = S_h holds exactly: RPSFT's penalty at the same k stays zero, and OSF additionally
+freezes the off-diagonal blocks U_hᵀ W V_l = 0 that RPSFT leaves free — a hard constraint where RPSFT has a soft
+one. (Adam divides the projected gradient element-wise by √v, which leaks slightly out of the complement; the k×k
+block sees that leak only squared: 2e-6 of ‖ΔW‖² in tests/methods/test_osf.py.) That is why OSF refuses the rotation
+anchor: at k ≤ effective_rank the anchor is (near) zero by construction, at larger k it would fight the frozen split.
 
 Memory (peft 0.21.2, osf/layer.py): per adapted m×n matrix with d = min(m, n), it trains U_l, S_l, V_l
 ((m + n + 1)·(d − k) numbers, ≈ the matrix itself at PEFT's default k = d/2, plus their Adam states) and keeps a
