@@ -67,7 +67,7 @@ def autograd_step(dense, layers, weight: float = 1.0) -> float:
         W = mod.get_base_layer().weight + mod.scaling["default"] * (B @ A)
         r = dense._residual(t, W).pow(2).sum()
         (weight * r).backward()
-        total += float(r)
+        total += r.item()
     return total
 
 

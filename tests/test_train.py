@@ -114,6 +114,9 @@ def test_resume_continues_the_same_run(tiny_model_dir, synth_data, tmp_path):
     train(part_cfg, progress=False, extra_callbacks=[StopAt(4)])  # "interrupted" after step 4, checkpoint at 3
     with pytest.raises(FileExistsError, match="--resume"):
         train(part_cfg, progress=False)
+    changed = cfg_for(tiny_model_dir, synth_data, tmp_path / "part", *extra, "anchor.lam=3")
+    with pytest.raises(ValueError, match=r"config differs.*lam: 3.0"):
+        train(changed, resume="latest", progress=False)
     resumed = train(part_cfg, resume="latest", progress=False)
     assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
 

@@ -207,10 +207,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
 
 
-def _prepare_output(out: Path, resume: bool | str | None, overwrite: bool) -> Path | None:
-    """Decide the checkpoint to resume from; refuse to clobber an earlier run by accident."""
+def _prepare_output(out: Path, resume: bool | str | None, overwrite: bool, cfg: Config) -> Path | None:
+    """Decide the checkpoint to resume from; refuse to clobber an earlier run, or to resume it with another config."""
     ckpt = None
     if resume:
+        saved = out / "config.yaml"
+        if saved.is_file() and saved.read_text() != dump_yaml(cfg):
+            import difflib
+
+            diff = [line for line in difflib.unified_diff(saved.read_text().splitlines(), dump_yaml(cfg).splitlines(),
+                                                          lineterm="", n=0) if line[:1] in "+-" and line[:3] not in
+                    ("+++", "---")]
+            raise ValueError(f"cannot resume {out}: the config differs from the one the run started with "
+                             f"({'; '.join(diff[:6])}). Resume with the same config, or start again with --overwrite")
         ckpt = Path(resume) if isinstance(resume, (str, Path)) and str(resume) not in ("True", "latest") \
             else latest_checkpoint(out)
         if ckpt is None or not (ckpt / "trainer_state.json").is_file():
@@ -239,7 +248,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     method = get_method(cfg.method)
     use_anchor = method.anchor_enabled(cfg.anchor.enabled)
     out = Path(cfg.output_dir)
-    ckpt = _prepare_output(out, resume, overwrite)
+    ckpt = _prepare_output(out, resume, overwrite, cfg)
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", dump_yaml(cfg))
 
@@ -288,13 +297,15 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
         "anchor": None if anchor is None else {
             "matrices": len(anchor), "nbytes": anchor.nbytes, "ranks": sorted(set(anchor.ranks.values())),
             "lam": cfg.anchor.lam, "period": cfg.anchor.period,
-            "final_penalty": anchor.penalty(trainer.anchor_model()).item(),
+            # from drift(): works on FSDP2 shards too (every rank takes part in its all-reduce)
+            "final_penalty": sum(v["abs"] ** 2 for v in anchor.drift(trainer.anchor_model()).values()),
         },
         "resumed_from": str(ckpt) if ckpt else None,
         "metrics": str(out / "metrics.jsonl"),
         "config": to_dict(cfg),
         **extra,
     }
-    io.write_json(out / "run.json", summary)
+    if trainer.is_world_process_zero():
+        io.write_json(out / "run.json", summary)
     return summary
 

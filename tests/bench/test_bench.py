@@ -51,7 +51,7 @@ def test_bench_cli_runs_each_method_in_its_own_process(tiny_model_dir, synth_dat
     out = tmp_path / "bench"
     r = runner.invoke(app, ["bench", "--methods", "sft,rpsft,no-such-method", "--model", str(tiny_model_dir),
                             "--data", str(synth_data["train"]), "--steps", "3", "--batch-size", "2",
-                            "--grad-accum", "2", "--seq-len", "64", "--rank", "4", "--out", str(out)])
+                            "--grad-accum", "2", "--seq-len", "128", "--rank", "4", "--out", str(out)])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "bench.json").read_text())
     sft, rp, missing = (report["methods"][m] for m in ("sft", "rpsft", "no-such-method"))
