@@ -79,6 +79,7 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
             "low_rank_types": low, "anchor_flop": a_flop, "step_flop_6NT": step_flop, "attention_flop": attn_flop,
             "flop_ratio_6NT": a_flop / step_flop, "flop_ratio_with_attention": a_flop / total_step,
             "anchor_bytes": a_bytes, "param_bytes_bf16": 2.0 * n_total,
+            "w0_copy_bytes_fp32": 4.0 * layers * sum(m * n for m, n in mats.values()),
             "h100_step_seconds_est": t_step, "h100_anchor_seconds_est": times,
             "h100_time_ratio_est": {a: t / t_step for a, t in times.items()}}
 
@@ -103,7 +104,8 @@ def main() -> None:
         print(f"\n{r['model']}: {r['params_total'] / 1e9:.2f} B params, {r['anchored_matrices']} anchored matrices "
               f"(full rank = L2-Init: {', '.join(r['full_rank_types']) or 'none'})")
         print(f"  anchor     {r['anchor_flop'] / 1e12:8.2f} TFLOP/step   memory {r['anchor_bytes'] / 2**30:6.2f} GiB fp32 "
-              f"(weights {r['param_bytes_bf16'] / 2**30:.1f} GiB bf16)")
+              f"(weights {r['param_bytes_bf16'] / 2**30:.1f} GiB bf16; fp32 W0 copy of these matrices "
+              f"{r['w0_copy_bytes_fp32'] / 2**30:.1f} GiB)")
         print(f"  step 6NT   {r['step_flop_6NT'] / 1e12:8.1f} TFLOP   + attention {r['attention_flop'] / 1e12:.1f} TFLOP")
         print(f"  FLOP ratio {100 * r['flop_ratio_6NT']:.3f} % of 6NT, {100 * r['flop_ratio_with_attention']:.3f} % with "
               f"attention   (closed form 2k/(3·T·s) per matrix: {100 * 2 * args.rank / (3 * tokens * args.period):.3f} %)")

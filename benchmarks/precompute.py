@@ -24,12 +24,36 @@ import time
 import torch
 
 
+def gaps_only(mats, ranks: list[int], out: str | None) -> None:
+    """σ_k/σ_(k+1) for every matrix at every k < min(m, n): how flat the spectrum is where the top-k frame is cut."""
+    gaps: dict[int, list[tuple[str, float]]] = {k: [] for k in ranks}
+    for name, W in mats:
+        S = torch.linalg.svdvals(W).double()
+        for k in ranks:
+            if k < min(W.shape):
+                gaps[k].append((name, float(S[k - 1] / S[k])))
+    res = {}
+    for k, g in gaps.items():
+        v = sorted(x for _, x in g)
+        if not v:
+            continue
+        res[str(k)] = {"matrices": len(v), "min": v[0], "median": statistics.median(v), "max": v[-1],
+                       "below_1.01": sum(x < 1.01 for x in v), "per_matrix": dict(g)}
+        print(f"k={k}: {len(v)} matrices with k < min(m, n); σ_k/σ_(k+1) min {v[0]:.4f}, median "
+              f"{statistics.median(v):.4f}, max {v[-1]:.4f}; {res[str(k)]['below_1.01']} below 1.01")
+    if out:
+        from rpsft.io import write_json
+
+        write_json(out, {"gaps": res})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rank", default="128,384")
     ap.add_argument("--niter", default="2,4,8,16")
     ap.add_argument("--layers", default=None, help="e.g. 0-29 or 0,15 (default: all)")
+    ap.add_argument("--gaps-only", action="store_true", help="only σ_k/σ_(k+1) of every matrix (singular values)")
     ap.add_argument("--no-randomized", action="store_true", help="only exact and gram (fast pass over all matrices)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -46,6 +70,8 @@ def main() -> None:
     print(f"{args.model}: {len(mats)} matrices, k {ranks}, randomized niter {niters}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
+    if args.gaps_only:
+        return gaps_only(mats, ranks, args.out)
     rows = []
     t_start = time.perf_counter()
     for idx, (name, W) in enumerate(mats):

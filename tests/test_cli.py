@@ -43,3 +43,16 @@ def test_missing_model_and_data_are_named(tmp_path, synth_data):
 def test_methods_table():
     r = runner.invoke(app, ["methods"])
     assert r.exit_code == 0 and "rpsft" in r.output and "l2init" in r.output
+
+
+def test_train_end_to_end_prints_steps_and_outputs(tmp_path, tiny_model_dir, synth_data):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set", f"data.train={synth_data['train']}",
+                            "--set", f"output_dir={out}", "--set", "data.limit=8", "--set", "train.max_steps=2",
+                            "--set", "train.batch_size=2", "--set", "train.grad_accum=1", "--set", "anchor.rank=4",
+                            "--set", "data.max_length=96"])
+    assert r.exit_code == 0, r.output
+    # not a terminal: one line per logged step instead of a redrawn bar
+    assert "train step 1/2" in r.output and "train step 2/2" in r.output and " R " in r.output
+    assert f"checkpoint: {out}" in r.output and "metrics.jsonl" in r.output
+    assert (out / "model.safetensors").is_file()

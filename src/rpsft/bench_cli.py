@@ -54,7 +54,7 @@ def bench(
         problems.append(f"--data {data} does not exist (omit it to use the built-in synthetic-math data)")
     if problems:
         for p in problems:
-            console.print(f"[bold red]error:[/bold red] {p}", highlight=False)
+            console.print(f"[bold red]error:[/bold red] {p}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
     rank_value: object = rank

@@ -524,6 +524,50 @@ def _train_stats(rows: list[dict]) -> dict:
     return out
 
 
+# keys that may change when a run is resumed: they do not alter the steps already taken
+RESUMABLE_CHANGES = ("train.max_steps", "train.save_steps", "train.logging_steps", "eval.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: fresh start). Refuses to clobber an earlier run without --overwrite,
+    and to resume one whose config differs in anything but the length of the run and the evaluation."""
+    from .train import latest_checkpoint
+
+    ckpt = None
+    if resume:
+        saved = out / "config.yaml"
+        if saved.is_file():
+            old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(rl_to_dict(cfg))
+            diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+            if diff:
+                raise ValueError(f"cannot resume {out}: the config differs from the one the run started with "
+                                 f"({'; '.join(diff[:6])}); only {', '.join(RESUMABLE_CHANGES)} may change. Resume "
+                                 "with the same config, or start again with --overwrite")
+        ckpt = Path(resume) if str(resume) not in ("True", "latest") else latest_checkpoint(out)
+        if ckpt is None or not (ckpt / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"nothing to resume: no checkpoint-N with trainer_state.json in {out}")
+        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+        # drop log lines past the checkpoint, so metrics.jsonl continues the run without duplicates
+        io.write_jsonl(out / "metrics.jsonl", [r for r in io.read_jsonl(out / "metrics.jsonl")
+                                               if r.get("step", 0) <= step])
+    elif out.exists() and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run; pass --resume latest to continue it or --overwrite "
+                                  "to start again (or choose another output_dir)")
+        import shutil
+
+        shutil.rmtree(out)
+    return ckpt
+
+
 def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = False, console=None,
            progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
@@ -531,7 +575,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .models import load_model
-    from .train import MetricsJsonlCallback, _prepare_output, build_anchor
+    from .train import MetricsJsonlCallback, build_anchor
 
     validate_rl(cfg)
     out = Path(cfg.output_dir)
@@ -540,7 +584,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     if len(prompts) < cfg.dapo.prompts_per_step:
         raise ValueError(f"{cfg.data.train}: {len(prompts)} prompts, fewer than dapo.prompts_per_step="
                          f"{cfg.dapo.prompts_per_step}; lower prompts_per_step or raise data.limit")
-    ckpt = _prepare_output(out, resume, overwrite)
+    ckpt = _prepare_output(out, cfg, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", yaml.safe_dump(rl_to_dict(cfg), sort_keys=False))
     use_vllm = use_vllm_default(cfg.dapo.use_vllm)

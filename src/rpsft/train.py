@@ -144,6 +144,14 @@ class RichProgressCallback(TrainerCallback):
             if "rpsft/penalty" in logs:
                 desc += f"  R {logs['rpsft/penalty']:.3e}"
             self.progress.update(self.task, description=desc)
+            if not self.progress.console.is_terminal:
+                # a log file or CI: the bar is not redrawn there, so say each step on a line of its own
+                task = self.progress.tasks[0]
+                eta = task.time_remaining
+                self.progress.console.print(f"train step {state.global_step}/{state.max_steps}  {desc}  elapsed "
+                                            f"{task.elapsed or 0:.0f}s  eta {eta:.0f}s" if eta is not None else
+                                            f"train step {state.global_step}/{state.max_steps}  {desc}",
+                                            highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

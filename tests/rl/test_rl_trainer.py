@@ -145,6 +145,8 @@ def test_rl_cli_two_step_run(tiny_model_dir, synth_file, tmp_path):
     # a second run refuses to clobber it; --resume continues from the last checkpoint
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "--resume" in res.output
+    res = CliRunner().invoke(app, args + ["--resume", "latest", "--set", "dapo.epsilon_high=0.3"])
+    assert res.exit_code == 2 and "cannot resume" in res.output and "dapo.epsilon_high" in res.output
     res = CliRunner().invoke(app, args + ["--resume", "latest", "--set", "train.max_steps=3",
                                           "--set", "eval.enabled=false"])
     assert res.exit_code == 0, res.output

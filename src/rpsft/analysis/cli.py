@@ -230,7 +230,7 @@ def first_order(
                                    for r in ck["matrices"]])
     plot_first_order(rep, out / "first_order.png")
     t = Table(title=f"first-order loss change <g, ΔW> ({rep['samples']} samples)")
-    for col in ["checkpoint", "sum over matrices", "most negative layer", "most positive layer"]:
+    for col in ["checkpoint", "sum over matrices", "lowest layer mean", "highest layer mean"]:
         t.add_column(col, justify="right")
     for ck in rep["checkpoints"]:
         lo = min(ck["layers"], key=lambda r: r["mean_inner"], default=None)

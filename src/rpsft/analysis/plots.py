@@ -128,30 +128,44 @@ def plot_first_order(report: dict, path: str | Path) -> None:
 
 
 def plot_drift(report: dict, path: str | Path) -> None:
-    """2-D PCA of pooled hidden states; arrows run from the base centroid to each tuned centroid."""
+    """2-D PCA of pooled hidden states; arrows run from the base centroid to each tuned centroid. Left: all
+    points; right: the same axes zoomed onto the centroids, where the arrows are visible even when the
+    prompt-to-prompt spread dwarfs the drift."""
     import numpy as np
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.8, 5.6))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.5, 5.4))
     cmap = plt.get_cmap("tab10")
     pts = report["pca"]["points"]
     colors = {lab: cmap(i % 10) for i, lab in enumerate(pts)}
     for lab, p in pts.items():
         p = np.asarray(p)
         ax.scatter(p[:, 0], p[:, 1], s=12, alpha=0.55, color=colors[lab], label=lab)
-    for m in report["models"]:
-        (x0, y0), (x1, y1) = m["arrow_start"], m["arrow_end"]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="-|>", color=colors[m["label"]], lw=2))
-        ax.plot([x1], [y1], "*", ms=12, color=colors[m["label"]], mec="k")
-    if report["models"]:
-        x0, y0 = report["models"][0]["arrow_start"]
-        ax.plot([x0], [y0], "*", ms=12, color=colors["base"], mec="k")
+    ends = []
+    for a in (ax, zoom):
+        for m in report["models"]:
+            (x0, y0), (x1, y1) = m["arrow_start"], m["arrow_end"]
+            a.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                       arrowprops=dict(arrowstyle="-|>", color=colors[m["label"]], lw=2))
+            a.plot([x1], [y1], "*", ms=12, color=colors[m["label"]], mec="k",
+                   label=f"{m['label']} (d = {m['centroid_distance']:.3g})" if a is zoom else None)
+            ends.append((x1, y1))
+        if report["models"]:
+            x0, y0 = report["models"][0]["arrow_start"]
+            a.plot([x0], [y0], "*", ms=12, color=colors["base"], mec="k", label="base" if a is zoom else None)
+            ends.append((x0, y0))
+    if ends:
+        e = np.asarray(ends)
+        lo, hi = e.min(0), e.max(0)
+        pad = np.maximum((hi - lo) * 0.25, 1e-9 + 0.05 * np.abs(e).max())
+        zoom.set(xlim=(lo[0] - pad[0], hi[0] + pad[0]), ylim=(lo[1] - pad[1], hi[1] + pad[1]))
     ev = report["pca"]["explained_variance_ratio"]
-    ax.set(xlabel=f"PC1 ({ev[0]:.0%})", ylabel=f"PC2 ({ev[1]:.0%})",
-           title="Pooled last-layer hidden states (★ centroids)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for a in (ax, zoom):
+        a.set(xlabel=f"PC1 ({ev[0]:.0%})", ylabel=f"PC2 ({ev[1]:.0%})")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    ax.set_title(f"Pooled final hidden states, {report['samples']} prompts (★ centroids)")
+    zoom.set_title("Centroids: arrows from the base (d = distance in full space)")
     _save(fig, path)
 
 

@@ -108,11 +108,16 @@ def _trainer_class():
             gather = self.accelerator.gather_for_metrics
             metrics = self._metrics["train"]
             valid = outputs.label_mask.any(-1)
-            w_all = gather(w.detach()[valid])
-            if w_all.numel():
-                metrics["iw/weight_mean"].append(w_all.mean().item())
-                metrics["iw/weight_max"].append(w_all.max().item())
-                metrics["iw/clamped_frac"].append((w_all >= self.iw.w_max * (1 - 1e-6)).float().mean().item())
+            w = w.detach()[valid]
+            # fixed-size per-rank stats (rows with completion tokens differ across ranks): count, Σw, #clamped, max
+            stats = torch.stack([w.new_tensor(float(w.numel())), w.sum(), (w >= self.iw.w_max * (1 - 1e-6)).sum().to(w.dtype),
+                                 w.max() if w.numel() else w.new_tensor(0.0)])
+            stats = gather(stats[None]).reshape(-1, 4)
+            n = stats[:, 0].sum()
+            if n > 0:
+                metrics["iw/weight_mean"].append((stats[:, 1].sum() / n).item())
+                metrics["iw/weight_max"].append(stats[:, 3].max().item())
+                metrics["iw/clamped_frac"].append((stats[:, 2].sum() / n).item())
             # the same entropy / accuracy / token metrics TRL's compute_loss logs
             num_valid = gather(outputs.label_mask.sum()).sum()
             if num_valid > 0:
