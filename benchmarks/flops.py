@@ -8,7 +8,7 @@ Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
 
 and with k ≥ min(m, n) (L2-Init, R = ‖W − W0‖²): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
 on T tokens costs ≈ 6·N·T FLOP (N = parameters that take part in matmuls: all but the input embedding table) plus
-causal attention ≈ 6·L·d·T·seq/… (6·L·seq·d_attn per token for forward+backward with causal halving).
+causal attention, 6·L·seq·d_attn FLOP per token (QKᵀ and PV, forward + backward, halved by the causal mask).
 
 Two ratios are printed: FLOP (hardware-independent), and an H100 time estimate that charges the step at bf16 dense
 tensor-core peak × MFU and the anchor at its own arithmetic (IEEE fp32 on CUDA cores, fp64 tensor cores, or

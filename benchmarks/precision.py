@@ -126,7 +126,7 @@ def main() -> None:
             block["strategies"][st] = row
             speed = "emul." if st in EMULATED_ON_CPU else f"{med_t[st] * 1e3:8.1f}"
             ratio = "" if st in EMULATED_ON_CPU else f"{med_t[st] / med_t.get('fp32', med_t[st]):7.2f}"
-            print(f"{st:8s} {speed:>8s} {ratio:>7s} | " + " | ".join(cells))
+            print(f"{st:8s} {speed:>8s} {ratio:>7s} | " + " | ".join(cells), flush=True)
         results["by_rank"][str(k_req)] = block
 
     if args.out:

@@ -80,3 +80,17 @@ def test_missing_data_file_says_how_to_make_it(tmp_path):
     cfg = load_rl_config(None, [f"data.train={tmp_path / 'nope.jsonl'}"], init="x")
     with pytest.raises(FileNotFoundError, match="rpsft data synth-math"):
         load_prompts(cfg)
+
+
+def test_vllm_requested_without_vllm_or_gpu_is_a_clear_error():
+    import importlib.util
+
+    import torch
+
+    from rpsft.rl import use_vllm_default
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are present")
+    assert use_vllm_default(None) is False and use_vllm_default(False) is False
+    with pytest.raises(ValueError, match="dapo.use_vllm=false"):
+        use_vllm_default(True)

@@ -103,7 +103,7 @@ def energy(
     target: float = typer.Option(0.20, "--target", help="energy share that picks k (paper App. C.5: 0.20)"),
     limit: int = typer.Option(16, "--limit", help="number of samples (per-sample gradients)"),
     max_length: int = typer.Option(1024, "--max-length", help="truncate prompt+completion to this many tokens"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output dir [default: results/analyze/energy]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/energy)"),
 ):
     """Gradient energy in the pretrained top-r frame (App. F.1, Fig. 2) and a per-matrix rank map."""
     from rich.table import Table
@@ -132,7 +132,10 @@ def energy(
     plot_energy(rep, out / "energy.png")
     t = Table(title=f"gradient energy share ({rep['samples']} samples, target {target:.0%})")
     for col in ["matrix", "R", f"r@{target:.0%}", "x at r", *[f"y({r})" for r in rlist]]:
-        t.add_column(col, justify="left" if col == "matrix" else "right", no_wrap=col == "matrix")
+        if col == "matrix":
+            t.add_column(col, overflow="fold")
+        else:  # numbers never wrap; the name column folds instead on narrow terminals
+            t.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     for m in rep["matrices"][:40]:
         k = m["rank_for_target"]
         t.add_row(_short(m["name"]), str(m["R"]), str(k) if k else "never", f"{m['x_at_rank']:.4f}" if k else "-",
@@ -153,10 +156,10 @@ def rotation(
     layers: Optional[str] = typer.Option(None, "--layers", help=LAYERS_HELP),
     k: int = typer.Option(512, "--k", help="subspace dimension K (capped at min(m, n); paper: 512)"),
     matrix: Optional[str] = typer.Option(None, "--matrix", help="parameter for the rankwise curve "
-                                                               "[default: the first selected q_proj]"),
+                                                               "(default: the first selected q_proj)"),
     rank_points: int = typer.Option(64, "--rank-points", help="number of prefix ranks on the rankwise curve"),
     labels: Optional[str] = typer.Option(None, "--labels", help="legend labels, one per --tuned checkpoint"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output dir [default: results/analyze/rotation]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/rotation)"),
 ):
     """Principal angles between base and tuned top-K singular subspaces (App. F.3, Figs 6-7)."""
     from rich.table import Table
@@ -209,7 +212,7 @@ def first_order(
     batch_size: int = typer.Option(4, "--batch-size", help="micro-batch size for the backward passes"),
     max_length: int = typer.Option(1024, "--max-length", help="truncate prompt+completion to this many tokens"),
     labels: Optional[str] = typer.Option(None, "--labels", help="legend labels, one per --tuned checkpoint"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output dir [default: results/analyze/first-order]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/first-order)"),
 ):
     """Per-layer mean of <g_W, W_tuned - W_base>, g_W the base mean gradient (App. F.2, Fig. 5)."""
     from rich.table import Table
@@ -251,7 +254,7 @@ def drift(
     limit: int = typer.Option(64, "--limit", help="number of prompts"),
     batch_size: int = typer.Option(8, "--batch-size", help="forward batch size"),
     labels: Optional[str] = typer.Option(None, "--labels", help="legend labels, one per --tuned checkpoint"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output dir [default: results/analyze/drift]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/drift)"),
 ):
     """Pooled hidden-state drift: centroid distance to the base and a 2-D PCA with arrows (App. F.6, Fig. 8)."""
     from rich.table import Table
@@ -289,7 +292,7 @@ def entropy(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="greedy decoding length (paper: 128)"),
     batch_size: int = typer.Option(16, "--batch-size", help="generation batch size"),
     labels: Optional[str] = typer.Option(None, "--labels", help="legend labels, one per --model"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output dir [default: results/analyze/entropy]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/entropy)"),
 ):
     """Mean token entropy of greedy continuations per sample, with a Gaussian KDE (App. F.4)."""
     from rich.table import Table

@@ -5,8 +5,9 @@ For a weight W0 = U Σ Vᵀ (exact SVD of the *base* weight, R = min(m, n)) and 
     y(r) = Σ_t ‖U_rᵀ G_t V_r‖²_F / Σ_t ‖G_t‖²_F,        x(r) = r² / R²,
 
 is the share of the (empirical-Fisher) gradient energy that lands in the top-r × top-r block of the pretrained
-singular frame. The paper's argument: that block holds far more energy than its area x(r), so anchoring it
-costs the task gradient little. Every r comes from one rotation B_t = Uᵀ G_t V: ‖U_rᵀ G_t V_r‖² is the sum of
+singular frame. Against the uniform reference y = x it shows whether the task gradient concentrates in the
+dominant frame (y > x) or avoids it (y < x), i.e. how much of the gradient an anchor of rank r would fight.
+Every r comes from one rotation B_t = Uᵀ G_t V: ‖U_rᵀ G_t V_r‖² is the sum of
 B_t² over the top-left r×r block, so the 2-D prefix sum (cumsum over rows, then columns) of Σ_t B_t² read on
 its diagonal gives the whole curve — one matrix product per sample instead of one per r.
 
@@ -63,6 +64,7 @@ class EnergyCurve:
             "shape": list(self.shape), "R": self.R, "samples": self.samples, "total_energy": self.total,
             "target": target, "rank_for_target": k, "x_at_rank": (k * k / self.R ** 2) if k else None,
             "y_at": {str(r): self.share(r) for r in (ranks or []) if r <= self.R},
+            "y_at_R": float(self.y[-1]),  # < 1 for m != n: energy outside W0's column/row space
             "y": [float(v) for v in self.y],
         }
 

@@ -91,13 +91,15 @@ def rankwise(Ub: torch.Tensor, Ut: torch.Tensor, ranks: list[int]) -> list[float
 
 
 def matrix_rotation(W_base: torch.Tensor, W_tuned: torch.Tensor, K: int = DEFAULT_K,
-                    base_bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """Mean/max angle in U and V space between base and tuned top-K subspaces of one matrix."""
+                    base_bases: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    tuned_bases: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Mean/max angle in U and V space between base and tuned top-K subspaces of one matrix (precomputed
+    (U_K, V_K) may be passed for either side)."""
     if W_base.shape != W_tuned.shape:
         raise ValueError(f"base {tuple(W_base.shape)} and tuned {tuple(W_tuned.shape)} shapes differ")
     k = min(K, *W_base.shape)
     Ub, Vb = base_bases if base_bases is not None else top_subspaces(W_base, k)
-    Ut, Vt = top_subspaces(W_tuned, k)
+    Ut, Vt = tuned_bases if tuned_bases is not None else top_subspaces(W_tuned, k)
     tu, tv = torch.rad2deg(principal_angles(Ub, Ut)), torch.rad2deg(principal_angles(Vb, Vt))
     return {"K": k, "u_mean_deg": float(tu.mean()), "v_mean_deg": float(tv.mean()),
             "u_max_deg": float(tu.max()), "v_max_deg": float(tv.max())}
@@ -139,11 +141,14 @@ def run_rotation(base: str, tuned: list[str], targets=None, layers=None, K: int 
         Ub, Vb = top_subspaces(Wb, k)
         for c, rd in enumerate(readers):
             Wt = rd.get(name)
+            if tuple(Wt.shape) != tuple(shape):
+                raise ValueError(f"{tuned[c]}: {name} has shape {tuple(Wt.shape)}, the base has {tuple(shape)}; "
+                                 f"compare checkpoints of the same architecture")
+            Ut, Vt = top_subspaces(Wt, k)
             row = {"name": name, "type": matrix_type(name), "layer": layer_index(name), "shape": list(shape),
-                   **matrix_rotation(Wb, Wt, K, base_bases=(Ub, Vb))}
+                   **matrix_rotation(Wb, Wt, K, base_bases=(Ub, Vb), tuned_bases=(Ut, Vt))}
             per_ckpt[c].append(row)
             if name == matrix:
-                Ut, Vt = top_subspaces(Wt, k)
                 grid = rank_grid(k, rank_points)
                 rankwise_out[c] = {"matrix": name, "r": grid, "u_deg": rankwise(Ub, Ut, grid),
                                    "v_deg": rankwise(Vb, Vt, grid)}
