@@ -11,6 +11,9 @@ import torch
 
 @pytest.mark.slow
 def test_smollm2_rpsft_few_steps(tmp_path, synth_data, monkeypatch):
+    import os as _os
+
+    torch.set_num_threads(max(1, len(_os.sched_getaffinity(0))))  # a real model: use every core (restored after)
     monkeypatch.delenv("RPSFT_CACHE", raising=False)  # use (and fill) the user's cache: the conversion is once
     if os.environ.get("RPSFT_TEST_CACHE"):
         monkeypatch.setenv("RPSFT_CACHE", os.environ["RPSFT_TEST_CACHE"])

@@ -10,8 +10,9 @@ k = 0 contributes nothing (plain SFT). k = min(m, n) makes U_k, V_k square ortho
 than two m×m / n×n rotations. Only U_k, V_k and the σ_k vector are stored otherwise — no k×k block and no copy
 of W0 — i.e. (m + n + 1)·k numbers per matrix.
 
-Everything is computed in ``dtype`` (fp32 by default) whatever the weight dtype: A is a small difference of
-large numbers, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation.
+Everything is computed in ``dtype`` (fp32 by default) whatever the weight dtype, with TF32 forced off (even when
+the Trainer enables it for the model): A is a small difference of large numbers, TF32 turns it into rounding
+noise, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation (docs/method.md, precision table).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from .bases import Bases, BasesCache, get_bases
+from .precision import ieee_fp32
 from .distributed import all_reduce_sum_, assign_owners, broadcast_, is_dtensor, row_shard, world
 from .selection import matrix_type, resolve_ranks, select_matrices
 
@@ -165,6 +167,7 @@ class RotationAnchor:
         A = (t.U.T @ W) @ t.V if n <= m else t.U.T @ (W @ t.V)
         return A - torch.diag_embed(t.S)
 
+    @ieee_fp32()
     def penalty(self, model: torch.nn.Module, record: bool = False) -> torch.Tensor:
         """R = Σ ‖A‖²_F as a differentiable scalar (autograd path; training uses accumulate_grad_).
 
@@ -231,6 +234,7 @@ class RotationAnchor:
         return out
 
     @torch.no_grad()
+    @ieee_fp32()
     def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
         """Add ``weight · ∇R`` to each anchored parameter's ``.grad`` in closed form; return R (unweighted).
 
@@ -256,6 +260,7 @@ class RotationAnchor:
         return float(values.sum())
 
     @torch.no_grad()
+    @ieee_fp32()
     def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """Per matrix: ``abs`` = ‖A‖_F, ``rel`` = ‖A‖_F / ‖σ_k‖ (‖W−W0‖/‖W0‖ at full rank), ``k``, ``type``."""
         out = {}

@@ -8,9 +8,6 @@ import json
 import pytest
 import torch
 
-# Tiny models: with 2 shared cores, a second OpenMP thread spin-waits far longer than the 32×32 matmuls take.
-torch.set_num_threads(1)
-
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
