@@ -153,3 +153,12 @@ def test_method_and_anchor_combinations(tiny_model_dir, synth_data, tmp_path):
         train(cfg_for(tiny_model_dir, synth_data, tmp_path / "x", "anchor.enabled=false"), progress=False)
     with pytest.raises(ValueError, match="unknown method"):
         train(cfg_for(tiny_model_dir, synth_data, tmp_path / "y", "method=magic"), progress=False)
+
+
+def test_refusals_point_to_the_right_method():
+    from rpsft.methods import get_method
+
+    with pytest.raises(ValueError, match="use method=lora"):
+        get_method("rpsft_lora").anchor_enabled(False)
+    with pytest.raises(ValueError, match="method=rpsft_lora"):
+        get_method("lora").anchor_enabled(True)

@@ -65,6 +65,9 @@ def train(
         console.print(f"anchor: {a['matrices']} matrices, k={a['ranks']}, {a['nbytes'] / 2**20:.1f} MiB, "
                       f"final R={a['final_penalty']:.3e}", highlight=False)
     out = Path(summary["output_dir"])
+    if summary.get("merged_model"):  # adapter methods: the run dir holds the adapter, merged/ the full model
+        console.print(f"adapter:    {out}/\nmerged:     {summary['merged_model']}  (from_pretrained loads it)",
+                      highlight=False)
     console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
                   f"metrics:    {out / 'metrics.jsonl'}\nconfig:     {out / 'config.yaml'}\n"
                   f"summary:    {out / 'run.json'}", highlight=False)

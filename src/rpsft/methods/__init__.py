@@ -21,17 +21,20 @@ class Method:
     wrap_anchor: Callable[[Any, Any, Any], Any] | None = None  # (dense anchor, prepared model, cfg) -> anchor
     finalize: Callable[[Any, Any, Any], dict] | None = None  # (trainer, cfg, out_dir) -> extra run info
     extra_memory: str = "none"  # what the method keeps beyond the model + optimizer (docs, bench)
+    plain: str = "sft"  # the method this one becomes without its anchor (for the refusal message)
+    anchor_hint: str = ""  # where to go instead when the anchor is refused
 
     def anchor_enabled(self, requested: bool | None) -> bool:
         if self.anchor in ("on", "full"):
             if requested is False:
                 raise ValueError(f"method {self.name!r} is defined by its anchor; anchor.enabled=false makes it "
-                                 "plain SFT — use method=sft instead")
+                                 f"plain {self.plain} — use method={self.plain} instead")
             return True
         if self.anchor == "off":
             if requested:
                 raise ValueError(f"method {self.name!r} cannot be combined with the rotation anchor "
-                                 f"(anchor.enabled=true); drop the override or pick a method that allows it")
+                                 f"(anchor.enabled=true); drop the override or pick a method that allows it"
+                                 + (f" ({self.anchor_hint})" if self.anchor_hint else ""))
             return False
         return bool(requested)
 

@@ -51,6 +51,6 @@ def finalize(trainer, cfg, out_dir) -> dict:
 register(Method(
     "lora", "PEFT LoRA (r=32, α=64, dropout 0, seven projections); exports a merged checkpoint",
     anchor="off",  # the anchored variant is method=rpsft_lora (Eq. 5)
-    prepare_model=wrap_lora, finalize=finalize,
+    prepare_model=wrap_lora, finalize=finalize, anchor_hint="the anchored LoRA is method=rpsft_lora",
     extra_memory="adapters r·(m+n) per adapted matrix (+ their Adam states); the full model gets no optimizer state",
 ))

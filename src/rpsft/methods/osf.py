@@ -64,5 +64,6 @@ register(Method(
     "osf", "PEFT OSF: top-k singular subspace frozen, the rest trained with projected gradients",
     anchor="off",  # OSF is a hard version of the anchor; see the module docstring
     prepare_model=wrap_osf, finalize=finalize,
+    anchor_hint="OSF already freezes the top-k frame; for a soft anchor use method=rpsft",
     extra_memory="trainable low-rank SVD factors + a frozen copy of them + U_h or V_h (≈2–3× the adapted weights)",
 ))

@@ -203,6 +203,6 @@ def finalize(trainer, cfg, out_dir) -> dict:
 register(Method(
     "rpsft_lora", "LoRA + rotation anchor on the effective weight W0 + s·BA (Eq. 5), factored",
     anchor="on", prepare_model=lambda model, cfg: wrap_lora(model, cfg, "rpsft_lora"), wrap_anchor=wrap_anchor,
-    finalize=finalize,
+    finalize=finalize, plain="lora",
     extra_memory="LoRA adapters + (m+n+1)·k fp32 numbers per anchored matrix (nothing at full rank: W0 is LoRA's base)",
 ))
