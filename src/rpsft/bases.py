@@ -70,6 +70,8 @@ def compute_bases(weight: torch.Tensor, k: int, solver: str = "exact", niter: in
     m, n = weight.shape
     if not 0 < k <= min(m, n):
         raise ValueError(f"k={k} must be in 1..min(m, n)={min(m, n)} for a {m}×{n} matrix")
+    if solver == "randomized":
+        _check_randomized(niter)
     W = weight.detach().float()
     if solver == "exact":
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -98,6 +100,24 @@ def compute_bases(weight: torch.Tensor, k: int, solver: str = "exact", niter: in
         U, V = U[:, :k], V[:, :k]
     U, V = U.contiguous().float(), V.contiguous().float()
     return Bases(U, _refine_sigma(W, U, V), V)
+
+
+RANDOMIZED_MIN_NITER = 4
+
+
+def _check_randomized(niter: int) -> None:
+    """Randomized bases on flat spectra are wrong at low niter (measured on SmolLM2, docs/method.md §8)."""
+    if niter < RANDOMIZED_MIN_NITER:
+        raise ValueError(
+            f"svd=randomized with niter={niter} finds the wrong top-k subspace on flat spectra (SmolLM2 layer 0, "
+            f"k=128: min overlap with the exact basis 0.786 at niter=2). Use niter >= {RANDOMIZED_MIN_NITER}, or "
+            "svd=gram (exact to 1e-4 overlap and faster than exact SVD on CPU)")
+    import warnings
+
+    warnings.warn(
+        f"svd=randomized (niter={niter}): on SmolLM2's flat spectra (σ_k/σ_k+1 ≈ 1.003) even niter=16 leaves min "
+        "overlap 0.986 with the exact top-128 basis and is slower than exact SVD on CPU; prefer svd=gram or exact, "
+        "and check the overlap for your model with benchmarks/precompute.py", stacklevel=3)
 
 
 def subspace_overlap(A: torch.Tensor, B: torch.Tensor) -> float:
