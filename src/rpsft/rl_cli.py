@@ -4,7 +4,6 @@ Imports stay cheap: torch, TRL and the trainer load inside the command."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,7 +12,6 @@ import typer
 app = typer.Typer(help="DAPO reinforcement learning from an SFT checkpoint (TRL GRPOTrainer, loss_type=dapo).",
                   add_completion=False, pretty_exceptions_enable=False)
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)
 
 
 @app.callback(invoke_without_command=True)
@@ -30,8 +28,12 @@ def rl(
     checkpoint, metrics.jsonl, config.yaml and run.json to output_dir."""
     from rich.console import Console
 
+    from .cli import friendly_errors
+
     console = Console(stderr=True)
-    try:
+
+    @friendly_errors  # one red line and exit 2 for user errors, like every other command
+    def go():
         from .rl import load_rl_config, run_rl
 
         cfg = load_rl_config(config, set_, init=init)
@@ -40,13 +42,9 @@ def rl(
                       f"prompts/step={d.prompts_per_step} L_max={d.max_completion_length} lr={cfg.train.lr} "
                       f"steps={cfg.train.max_steps} anchor={'on' if cfg.anchor.enabled else 'off'} -> "
                       f"{cfg.output_dir}", highlight=False)
-        summary = run_rl(cfg, resume=resume, overwrite=overwrite, console=console)
-    except USER_ERRORS as e:
-        if os.environ.get("RPSFT_DEBUG"):
-            raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        return run_rl(cfg, resume=resume, overwrite=overwrite, console=console)
+
+    summary = go()
     t = summary["train"]
     line = f"[green]done[/green] {summary['global_step']} steps, {summary['seconds_per_step']:.1f} s/step"
     if "reward_first" in t:
