@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
+
+from rpsft_testing import StopAt
 
 from rpsft.config import load_config
 from rpsft.data.formats import load_records, to_dataset
@@ -72,9 +74,14 @@ def test_once_per_step_equals_per_microbatch_objective(tiny_model_dir, synth_dat
     # the anchor really changed the trajectory, so the equality above is not SFT == SFT
     assert max_rel_diff(ours, plain) > 1e3 * max(max_rel_diff(ours, ref), 1e-9)
     # the autograd form on the window's last micro-batch (our DeepSpeed path) is the same objective too
-    auto, _ = run_trainer(AnchoredSFTTrainer, cfg_for(tiny_model_dir, synth_data, tmp_path / "d", *sgd),
-                          anchor_mode="autograd")
+    auto, auto_trainer = run_trainer(AnchoredSFTTrainer, cfg_for(tiny_model_dir, synth_data, tmp_path / "d", *sgd),
+                                     anchor_mode="autograd")
     assert max_rel_diff(auto, ref) < 1e-5
+    # and it logs the task loss, as the closed form does (λR is differentiated with it, then taken out of the log)
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    penalties = [h["rpsft/weighted_penalty"] for h in auto_trainer.state.log_history if "loss" in h]
+    assert penalties[-1] > 1e-3  # large enough that logging L + λR instead of L would fail the next line
+    assert losses(auto_trainer) == pytest.approx(losses(trainer), abs=2e-4)
     logged = [h for h in trainer.state.log_history if "rpsft/penalty" in h]
     assert len(logged) == 3 and logged[0]["rpsft/penalty"] < 1e-8 < logged[-1]["rpsft/penalty"]
     assert {f"rpsft/drift/{t}" for t in ("q_proj", "down_proj")} <= set(logged[-1])
@@ -95,15 +102,6 @@ def test_period_applies_every_s_steps(tiny_model_dir, synth_data, tmp_path):
     _, trainer = run_trainer(AnchoredSFTTrainer, cfg)
     steps = [h["step"] for h in trainer.state.log_history if "rpsft/penalty" in h]
     assert steps == [1, 3, 5]  # applied while computing steps 1, 3, 5 (global_step 0, 2, 4 before the update)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def test_resume_continues_the_same_run(tiny_model_dir, synth_data, tmp_path):

@@ -58,13 +58,50 @@ def _refuse_partitioned(name: str, p: torch.Tensor) -> None:
         )
 
 
-class RotationAnchor:
-    """Pretrained top-k spectral frames of selected matrices, with the penalty and its closed-form gradient."""
+class AnchorTerms:
+    """What every anchor form shares: its per-matrix terms (``name``, ``k``, ``full``, ``ref_sq``, ``tensors()``),
+    their size, and the relative-drift summary. Subclasses: :class:`RotationAnchor` (dense W) and
+    ``rpsft.methods.rpsft_lora.LoraRotationAnchor`` (W0 + s·BA, Eq. 5)."""
 
-    def __init__(self, terms: Iterable[_Term], dtype: torch.dtype = torch.float32):
-        self.terms: dict[str, _Term] = {t.name: t for t in terms}
+    def __init__(self, terms: Iterable, dtype: torch.dtype = torch.float32):
+        self.terms: dict = {t.name: t for t in terms}
         self.dtype = dtype
         self.last_sq: dict[str, float] = {}  # per-matrix ‖A‖² from the latest accumulate_grad_
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {n: t.k for n, t in self.terms.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for t in self.terms.values() for x in t.tensors())
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def __repr__(self) -> str:
+        full = sum(t.full for t in self.terms.values())
+        return (f"{type(self).__name__}({len(self)} matrices, {full} at full rank, "
+                f"k={sorted(set(self.ranks.values()))}, {self._repr_extra()}{self.nbytes / 2**20:.1f} MiB, "
+                f"{self.dtype})")
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    def relative_drift_by_type(self, sq: dict[str, float] | None = None) -> dict[str, float]:
+        """Mean relative drift ‖A‖/‖σ_k‖ per matrix type, from ``sq`` (default: the last accumulate_grad_)."""
+        sq = self.last_sq if sq is None else sq
+        sums: dict[str, list[float]] = {}
+        for name, v in sq.items():
+            rel = (max(v, 0.0) / max(self.terms[name].ref_sq, 1e-30)) ** 0.5
+            sums.setdefault(matrix_type(name), []).append(rel)
+        return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
+
+
+class RotationAnchor(AnchorTerms):
+    """Pretrained top-k spectral frames of selected matrices, with the penalty and its closed-form gradient."""
+
+    terms: dict[str, _Term]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -124,23 +161,6 @@ class RotationAnchor:
             terms[i] = _Term(name, (m, n), k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum()))
         terms = [terms[i] for i in sorted(terms)]
         return cls(terms, dtype=dtype)
-
-    # ------------------------------------------------------------------ introspection
-    @property
-    def ranks(self) -> dict[str, int]:
-        return {n: t.k for n, t in self.terms.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for t in self.terms.values() for x in t.tensors())
-
-    def __len__(self) -> int:
-        return len(self.terms)
-
-    def __repr__(self) -> str:
-        full = sum(t.full for t in self.terms.values())
-        return (f"RotationAnchor({len(self)} matrices, {full} at full rank, k={sorted(set(self.ranks.values()))}, "
-                f"{self.nbytes / 2**20:.1f} MiB, {self.dtype})")
 
     def _params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         params = dict(model.named_parameters())
@@ -268,12 +288,3 @@ class RotationAnchor:
             a = float(sq.double()) ** 0.5
             out[t.name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(t.name)}
         return out
-
-    def relative_drift_by_type(self, sq: dict[str, float] | None = None) -> dict[str, float]:
-        """Mean relative drift ‖A‖/‖σ_k‖ per matrix type, from ``sq`` (default: the last accumulate_grad_)."""
-        sq = self.last_sq if sq is None else sq
-        sums: dict[str, list[float]] = {}
-        for name, v in sq.items():
-            rel = (max(v, 0.0) / max(self.terms[name].ref_sq, 1e-30)) ** 0.5
-            sums.setdefault(matrix_type(name), []).append(rel)
-        return {k: sum(v) / len(v) for k, v in sorted(sums.items())}

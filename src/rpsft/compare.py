@@ -120,7 +120,7 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
         d = to_dict(train_cfg)
         d.pop("output_dir")
         key = json.dumps(d, sort_keys=True, default=str)
-        r.k = r.k if r.k is not None else (train_cfg.anchor.rank if train_cfg.method != "sft" else 0)
+        r.k = r.k if r.k is not None else anchored_rank(train_cfg)
         if key in seen:
             seen[key].aliases.append(r.name)
             continue
@@ -129,13 +129,28 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
     return out
 
 
+def anchored_rank(train_cfg) -> Any:
+    """The k a run anchors: 0 without the anchor (sft, dft, iw, lora), "full" for L2-Init, else anchor.rank."""
+    from .methods import get_method
+
+    method = get_method(train_cfg.method)
+    if not method.anchor_enabled(train_cfg.anchor.enabled):
+        return 0
+    return "full" if method.anchor == "full" else train_cfg.anchor.rank
+
+
 def _train_config(cfg: CompareConfig, run: Run, root: Path):
     return load_config(cfg.train_config, [*cfg.train_set, *run.overrides, f"output_dir={root / 'runs' / run.name}"])
 
 
+def _jsonable(key: Any) -> Any:
+    """A stage key as it reads back from its JSON file (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(key, default=str))
+
+
 def _stage(path: Path, fn: Callable[[], dict], log: Callable[[str], None], what: str, key: Any = None) -> dict:
     """Run ``fn`` unless ``path`` already holds its result for the same inputs (``key``); write it atomically."""
-    key = json.loads(json.dumps(key, default=str))
+    key = _jsonable(key)
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("stage_key") == key:
@@ -174,12 +189,17 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         tcfg = _train_config(cfg, r, root)
         run_dir = Path(tcfg.output_dir)
 
-        def do_train(tcfg=tcfg, run_dir=run_dir):
-            resume = "latest" if latest_checkpoint(run_dir) is not None else None
+        key = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
+        stage_file = root / "stages" / r.name / "train.json"
+        # A finished run whose config has changed since is stale: start it over. An unfinished one resumes from
+        # its last checkpoint (train's resume guard refuses, with the diff, if its config was changed meanwhile).
+        stale = stage_file.is_file() and json.loads(stage_file.read_text()).get("stage_key") != _jsonable(key)
+
+        def do_train(tcfg=tcfg, run_dir=run_dir, stale=stale):
+            resume = "latest" if not stale and latest_checkpoint(run_dir) is not None else None
             return train(tcfg, resume=resume, overwrite=resume is None, progress=True)
 
-        key = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
-        results[r.name] = {"train": _stage(root / "stages" / r.name / "train.json", do_train, log,
+        results[r.name] = {"train": _stage(stage_file, do_train, log,
                                            f"train {r.name}", key=key), "k": r.k, "method": tcfg.method}
         models[r.name] = eval_model_path(run_dir)
 
@@ -397,25 +417,33 @@ def plot_tradeoff(summary: dict, path: str | Path) -> None:
 
 
 def plot_rank_sweep(summary: dict, method: str, path: str | Path) -> None:
-    """Fig. 3's shape: ID score, OOD score and probe KL against k for the swept method."""
+    """Fig. 3's shape: ID score, OOD score and probe KL against k for the swept method, with its two ends when
+    they ran: k = 0 (plain SFT) and k = min(m, n) (L2-Init). The k axis is ordinal (each run one tick): "full" is
+    a different k per matrix shape, so it has no single position on a numeric axis."""
     plt = _plt()
-    rows = sorted([r for r in summary["rows"] if r.get("method") == method and isinstance(r.get("k"), int)],
-                  key=lambda r: r["k"])
-    if not rows:
+    swept = sorted([r for r in summary["rows"] if r.get("method") == method and isinstance(r.get("k"), int)],
+                   key=lambda r: r["k"])
+    if not swept:
         return
-    ks = [max(r["k"], 1) for r in rows]
+    sft = [r for r in summary["rows"] if r.get("method") == "sft" and r.get("k") == 0][:1]
+    full = [r for r in summary["rows"] if r.get("k") == "full"][:1]
+    rows = (sft if swept[0]["k"] > 0 else []) + swept + full
+    labels = [("0 (SFT)" if r.get("method") == "sft" else "full (L2-Init)" if r.get("k") == "full" else str(r["k"]))
+              for r in rows]
+    xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for key, label in (("id_avg", "ID avg (%)"), ("ood_avg", "OOD avg (%)")):
         ys = [100 * r[key] if r.get(key) is not None else None for r in rows]
         if any(y is not None for y in ys):
-            ax.plot(ks, ys, marker="o", label=label)
-    ax.set_xscale("log", base=2)
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xticks(xs, labels)
     ax.set_xlabel("k (anchored rank)")
     ax.set_ylabel("score (%)")
     ax2 = ax.twinx()
     kl = [r.get("probe_kl") for r in rows]
     if any(v is not None for v in kl):
-        ax2.plot(ks, kl, color="gray", linestyle="--", marker="s", label="probe KL")
+        ax2.plot(xs, [float("nan") if v is None else v for v in kl], color="gray", linestyle="--", marker="s",
+                 label="probe KL")
         ax2.set_ylabel("probe KL (lower = less forgetting)")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
@@ -425,4 +453,3 @@ def plot_rank_sweep(summary: dict, method: str, path: str | Path) -> None:
     with io.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-

@@ -241,28 +241,39 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key = ALIASES.get(key.strip(), key.strip())
         if key not in all_keys():
             raise _unknown(key)
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        set_dotted(data, key, text, item)
+    return data
+
+
+def set_dotted(data: dict, key: str, text: str, item: str) -> None:
+    """``data[a][b][c] = parsed text`` for ``key`` "a.b.c", creating sections; ``item`` is the raw --set text."""
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {p} is not a section")
+    node[parts[-1]] = _parse_scalar(text)
+
+
+def read_config_file(path: str | Path | None, examples: str = "configs/") -> dict:
+    """The top-level mapping of a YAML config file ({} for no file), with a clear error for each way it can fail."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist (see {examples} for examples)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (see configs/ for examples)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = read_config_file(path)
     apply_overrides(data, overrides or [])
     cfg = _build(Config, data)
     validate(cfg)

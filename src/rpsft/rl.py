@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from . import io
-from .config import AnchorConfig, ConfigError, _coerce, _parse_scalar
+from .config import AnchorConfig, ConfigError, _coerce, read_config_file, set_dotted
 
 # ----------------------------------------------------------------------------------------------------- config
 
@@ -168,30 +168,14 @@ def apply_rl_overrides(data: dict, overrides: list[str] | None) -> dict:
         key, text = (s.strip() for s in item.split("=", 1))
         if key not in keys:
             raise _unknown(key)
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        set_dotted(data, key, text, item)
     return data
 
 
 def load_rl_config(path: str | Path | None = None, overrides: list[str] | None = None,
                    init: str | None = None) -> RLConfig:
     """YAML file (optional) + ``--set`` overrides + ``--init`` -> a validated :class:`RLConfig`."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist (see configs/rl-demo.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    data = read_config_file(path, "configs/rl-demo.yaml")
     apply_rl_overrides(data, overrides)
     if init is not None:
         data["init"] = str(init)
@@ -400,22 +384,18 @@ def use_vllm_default(requested: bool | None) -> bool:
 def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: list[float], use_vllm: bool,
                       **overrides: Any):
     """TRL ``GRPOConfig`` for DAPO from our config; CPU: fp32, no gradient checkpointing, ``use_cpu``."""
-    import torch
     from trl import GRPOConfig
 
+    from .train import common_trainer_kwargs
+
     d, t = cfg.dapo, cfg.train
-    gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_step = d.prompts_per_step * d.num_generations
     if per_step % (d.micro_batch_size * world):
         raise ConfigError(f"prompts_per_step × num_generations ({per_step}) must be divisible by micro_batch_size × "
                           f"processes ({d.micro_batch_size} × {world})")
-    bf16 = t.bf16 if t.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
-    gc = t.gradient_checkpointing if t.gradient_checkpointing is not None else gpu
-    kwargs = dict(
-        output_dir=str(output_dir),
-        learning_rate=t.lr,
-        max_steps=t.max_steps,
+    kwargs = common_trainer_kwargs(t, output_dir)
+    kwargs.update(
         per_device_train_batch_size=d.micro_batch_size,
         gradient_accumulation_steps=per_step // (d.micro_batch_size * world),
         num_generations=d.num_generations,
@@ -432,29 +412,10 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
         num_iterations=d.num_iterations,
         reward_weights=reward_weights,
         multi_objective_aggregation="sum_then_normalize",  # total reward = Σ w·r, then group-normalised
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
-        lr_scheduler_type=t.lr_scheduler,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=bool(bf16),
-        fp16=False,
-        use_cpu=not gpu,
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         disable_dropout=True,
         log_completions=t.log_completions,
         use_vllm=use_vllm,
     )
-    if gc:  # only when wanted: transformers 5 warns about the old field name whenever it is passed
-        kwargs["gradient_checkpointing"] = True
     if use_vllm:
         kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization)
     kwargs.update(overrides)
@@ -536,36 +497,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None: fresh start). Refuses to clobber an earlier run without --overwrite,
-    and to resume one whose config differs in anything but the length of the run and the evaluation."""
-    from .train import latest_checkpoint
+    """train.prepare_run_dir with the RL rule: a run may be resumed with another length or evaluation only."""
+    from .train import prepare_run_dir
 
-    ckpt = None
-    if resume:
-        saved = out / "config.yaml"
-        if saved.is_file():
-            old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(rl_to_dict(cfg))
-            diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                    if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-            if diff:
-                raise ValueError(f"cannot resume {out}: the config differs from the one the run started with "
-                                 f"({'; '.join(diff[:6])}); only {', '.join(RESUMABLE_CHANGES)} may change. Resume "
-                                 "with the same config, or start again with --overwrite")
-        ckpt = Path(resume) if str(resume) not in ("True", "latest") else latest_checkpoint(out)
-        if ckpt is None or not (ckpt / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"nothing to resume: no checkpoint-N with trainer_state.json in {out}")
-        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
-        # drop log lines past the checkpoint, so metrics.jsonl continues the run without duplicates
-        io.write_jsonl(out / "metrics.jsonl", [r for r in io.read_jsonl(out / "metrics.jsonl")
-                                               if r.get("step", 0) <= step])
-    elif out.exists() and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a run; pass --resume latest to continue it or --overwrite "
-                                  "to start again (or choose another output_dir)")
-        import shutil
+    def diff(saved: str) -> list[str]:
+        old, new = _flat(yaml.safe_load(saved) or {}), _flat(rl_to_dict(cfg))
+        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
-        shutil.rmtree(out)
-    return ckpt
+    return prepare_run_dir(out, resume, overwrite, diff, may_change=", ".join(RESUMABLE_CHANGES))
 
 
 def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = False, console=None,

@@ -19,7 +19,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
@@ -44,6 +44,7 @@ class AnchoredSFTTrainer(SFTTrainer):
         self.anchor_mode = self._resolve_mode(anchor_mode)
         self._penalties: list[float] = []
         self._drift: dict[str, float] = {}
+        self._last_logged_step = 0
 
     def _resolve_mode(self, mode: str) -> str:
         """closed_form everywhere ∇R can be added to .grad; autograd under DeepSpeed ZeRO-1/2; ZeRO-3 refused."""
@@ -94,12 +95,19 @@ class AnchoredSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._penalties:
+            if self.anchor_mode == "autograd":
+                # Trainer's logged loss is the mean over the logging window of each step's total, which here
+                # includes λR: take it out, so "loss" is the task loss in both modes (as with SFT and closed_form).
+                window = max(self.state.global_step - self._last_logged_step, 1)
+                logs["loss"] = round(logs["loss"] - self.anchor_weight * sum(self._penalties) / window, 6)
             r = sum(self._penalties) / len(self._penalties)
             logs["rpsft/penalty"] = r
             logs["rpsft/weighted_penalty"] = self.anchor_weight * r
             for t, v in self._drift.items():
                 logs[f"rpsft/drift/{t}"] = v
             self._penalties.clear()
+        if "loss" in logs:
+            self._last_logged_step = self.state.global_step
         super().log(logs, start_time)
 
 
@@ -163,18 +171,18 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def build_sft_config(cfg: Config, output_dir: str | Path, **overrides: Any) -> SFTConfig:
-    """TRL ``SFTConfig`` from our config, with CPU-safe defaults (fp32, no gradient checkpointing, plain AdamW)."""
-    t = cfg.train
+def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
+    """The ``TrainingArguments`` fields SFT and DAPO runs share, from a ``train`` config section.
+
+    CPU-safe defaults: fp32 unless ``bf16`` is asked for (bf16 matmuls are 20-30x slower on CPUs without bf16
+    units), gradient checkpointing only on a GPU unless set, no reporting integrations, no dataloader workers."""
     gpu = on_gpu()
     bf16 = t.bf16 if t.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
+    gc = t.gradient_checkpointing if t.gradient_checkpointing is not None else gpu
     kwargs = dict(
         output_dir=str(output_dir),
         learning_rate=t.lr,
-        num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
@@ -188,13 +196,26 @@ def build_sft_config(cfg: Config, output_dir: str | Path, **overrides: Any) -> S
         data_seed=t.seed,
         bf16=bool(bf16),
         fp16=False,
-        gradient_checkpointing=bool(t.gradient_checkpointing),
         use_cpu=not gpu,
         report_to=[],
         disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if gc:  # only when wanted: transformers 5 warns about the old field name whenever it is passed
+        kwargs["gradient_checkpointing"] = True
+    return kwargs
+
+
+def build_sft_config(cfg: Config, output_dir: str | Path, **overrides: Any) -> SFTConfig:
+    """TRL ``SFTConfig`` from our config, with CPU-safe defaults (fp32, no gradient checkpointing, plain AdamW)."""
+    t = cfg.train
+    kwargs = common_trainer_kwargs(t, output_dir)
+    kwargs.update(
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
         max_length=cfg.data.max_length,
         loss_type=t.loss_type,
-        dataloader_num_workers=0,
         model_init_kwargs=None,
     )
     kwargs.update(overrides)
@@ -215,34 +236,43 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
 
 
-def _prepare_output(out: Path, resume: bool | str | None, overwrite: bool, cfg: Config) -> Path | None:
-    """Decide the checkpoint to resume from; refuse to clobber an earlier run, or to resume it with another config."""
+def prepare_run_dir(out: Path, resume: bool | str | None, overwrite: bool,
+                    config_diff: Callable[[str], list[str]], may_change: str = "") -> Path | None:
+    """The checkpoint to resume from (None: a fresh start) for a run directory ``out``.
+
+    Refuses to clobber an earlier run without ``overwrite``, and to resume one whose saved ``config.yaml``
+    differs from the current config: ``config_diff(saved_text)`` lists the differences that matter
+    (``may_change`` names what may differ, for the message). On resume, drops metrics.jsonl lines past the
+    checkpoint so the log continues the same run without duplicate steps."""
     ckpt = None
     if resume:
         saved = out / "config.yaml"
-        if saved.is_file() and saved.read_text() != dump_yaml(cfg):
-            import difflib
-
-            diff = [line for line in difflib.unified_diff(saved.read_text().splitlines(), dump_yaml(cfg).splitlines(),
-                                                          lineterm="", n=0) if line[:1] in "+-" and line[:3] not in
-                    ("+++", "---")]
+        diff = config_diff(saved.read_text()) if saved.is_file() else []
+        if diff:
             raise ValueError(f"cannot resume {out}: the config differs from the one the run started with "
-                             f"({'; '.join(diff[:6])}). Resume with the same config, or start again with --overwrite")
+                             f"({'; '.join(diff[:6])}){'; only ' + may_change + ' may change' if may_change else ''}."
+                             " Resume with the same config, or start again with --overwrite")
         ckpt = Path(resume) if isinstance(resume, (str, Path)) and str(resume) not in ("True", "latest") \
             else latest_checkpoint(out)
         if ckpt is None or not (ckpt / "trainer_state.json").is_file():
             raise FileNotFoundError(f"nothing to resume: no checkpoint-N with trainer_state.json in {out}"
                                     + (f" ({resume})" if isinstance(resume, str) else ""))
-        # drop log lines past the checkpoint so metrics.jsonl continues the same run without duplicates
         step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
         rows = [r for r in io.read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= step]
         io.write_jsonl(out / "metrics.jsonl", rows)
     elif out.exists() and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite to "
-                                  "start again (or choose another output_dir)")
+            raise FileExistsError(f"{out} already holds a run; pass --resume latest to continue it or --overwrite "
+                                  "to start again (or choose another output_dir)")
         shutil.rmtree(out)
     return ckpt
+
+
+def _yaml_diff(saved: str, current: str) -> list[str]:
+    import difflib
+
+    return [line for line in difflib.unified_diff(saved.splitlines(), current.splitlines(), lineterm="", n=0)
+            if line[:1] in "+-" and line[:3] not in ("+++", "---")]
 
 
 def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False, console=None,
@@ -256,7 +286,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     method = get_method(cfg.method)
     use_anchor = method.anchor_enabled(cfg.anchor.enabled)
     out = Path(cfg.output_dir)
-    ckpt = _prepare_output(out, resume, overwrite, cfg)
+    ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", dump_yaml(cfg))
 

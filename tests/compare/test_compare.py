@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rpsft.compare import load_compare_config, plan_runs, render_table, run_compare
+from rpsft.compare import load_compare_config, plan_runs, plot_rank_sweep, render_table, run_compare
 from rpsft.config import ConfigError
 
 
@@ -26,6 +26,7 @@ def test_plan_dedupes_identical_runs(tmp_path, tiny_model_dir, synth_data):
     runs = plan_runs(make_cfg(tmp_path, tiny_model_dir, synth_data))
     assert [r.name for r in runs] == ["sft", "rpsft", "rpsft-k2"]  # rpsft-k4 is the rpsft run (rank 4)
     assert runs[1].aliases == ["rpsft-k4"]
+    assert [r.k for r in runs] == [0, 4, 2]
     with pytest.raises(ConfigError, match="unknown compare key"):
         load_compare_config(None, ["method=sft"])
 
@@ -59,3 +60,40 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
     run_compare(make_cfg(tmp_path, tiny_model_dir, synth_data, "drift_limit=3"), log=logs.append)
     redone = [m for m in logs if m.endswith("...")]
     assert [m for m in redone] == ["[bold]drift analysis[/bold] ..."], redone
+    # a changed training config retrains from scratch (the finished run's checkpoints are stale, not resumed)
+    logs.clear()
+    changed = make_cfg(tmp_path, tiny_model_dir, synth_data, "drift_limit=3", "methods=[{name: sft}]", "sweep=null",
+                       "train_set=[train.lr=5.0e-4]")
+    summary = run_compare(changed, log=logs.append)
+    assert "[bold]train sft[/bold] ..." in logs
+    assert any("inputs changed" in m for m in logs)
+    steps = [json.loads(x)["step"] for x in (out / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2]  # logged once each: a fresh run, not a resumed one appending to the old log
+
+
+def test_k_is_the_anchored_rank_of_each_method(tmp_path, tiny_model_dir, synth_data):
+    cfg = make_cfg(tmp_path, tiny_model_dir, synth_data,
+                   "methods=[{name: sft}, {name: dft}, {name: l2init}, {name: rpsft}, "
+                   "{name: sft, label: sft-anchored, set: [anchor.enabled=true]}]", "sweep=null")
+    # dft has no anchor: k is 0 although the train config says anchor.rank=4; L2-Init anchors at full rank
+    assert {r.name: r.k for r in plan_runs(cfg)} == {"sft": 0, "dft": 0, "l2init": "full", "rpsft": 4,
+                                                     "sft-anchored": 4}
+
+
+def test_rank_sweep_plot_spans_sft_to_l2init(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    seen = {}
+    real = matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda self, ticks, labels=None, **kw: seen.update(labels=list(labels)) or
+                        real(self, ticks, labels, **kw))
+    row = lambda run, method, k, id_avg: {"run": run, "method": method, "k": k, "id_avg": id_avg,  # noqa: E731
+                                           "ood_avg": None, "probe_kl": 0.1}
+    summary = {"rows": [row("base", "base", None, 0.1), row("rpsft-k64", "rpsft", 64, 0.3),
+                        row("l2init", "l2init", "full", 0.2), row("sft", "sft", 0, 0.5),
+                        row("rpsft", "rpsft", 8, 0.4), row("dft", "dft", 0, 0.45)]}
+    plot_rank_sweep(summary, "rpsft", tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert seen["labels"] == ["0 (SFT)", "8", "64", "full (L2-Init)"]  # dft (k=0, not SFT) is not a sweep point

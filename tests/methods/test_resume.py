@@ -4,19 +4,10 @@ anchor) and IW's reference, which must still be the *initial* model, not the che
 from __future__ import annotations
 
 import pytest
-from transformers import TrainerCallback
+from rpsft_testing import StopAt
 
 from rpsft.io import read_jsonl
 from rpsft.train import train
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("method", ["rpsft_lora", "iw"])

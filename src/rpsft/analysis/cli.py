@@ -46,6 +46,19 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _run(fn, progress: Optional[str] = None):
+    """``fn(cb)`` — under a progress bar named ``progress`` whose callback is ``cb`` (None without one); a user
+    error (bad file, unknown matrix, …) becomes a red one-line message and exit code 2 instead of a traceback."""
+    try:
+        if progress is None:
+            return fn(None)
+        prog, cb = _progress(progress)
+        with prog:
+            return fn(cb)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+
+
 def _short(name: str) -> str:
     """Table display only (files keep full parameter names): model.layers.0.self_attn.q_proj.weight -> layers.0.self_attn.q_proj"""
     name = name.removesuffix(".weight")
@@ -114,13 +127,9 @@ def energy(
 
     out = _out(out, "energy")
     rlist = _ints(ranks, "--ranks") or []
-    prog, cb = _progress("per-sample gradients")
-    try:
-        with prog:
-            rep = run_energy(model, str(data), targets=matrices, layers=layers, limit=limit, max_length=max_length,
-                             target=target, ranks=rlist, progress=cb)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    rep = _run(lambda cb: run_energy(model, str(data), targets=matrices, layers=layers, limit=limit,
+                                     max_length=max_length, target=target, ranks=rlist, progress=cb),
+               progress="per-sample gradients")
     write_json(out / "energy.json", rep)
     write_json(out / "ranks.json", rep["ranks"])
     rows = []
@@ -170,13 +179,9 @@ def rotation(
     from .rotation import run_rotation
 
     out = _out(out, "rotation")
-    prog, cb = _progress("SVDs")
-    try:
-        with prog:
-            rep = run_rotation(base, _ckpts(tuned, "--tuned"), targets=matrices, layers=layers, K=k, matrix=matrix,
-                               rank_points=rank_points, labels=parse_csv(labels), progress=cb)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    rep = _run(lambda cb: run_rotation(base, _ckpts(tuned, "--tuned"), targets=matrices, layers=layers, K=k,
+                                       matrix=matrix, rank_points=rank_points, labels=parse_csv(labels),
+                                       progress=cb), progress="SVDs")
     write_json(out / "rotation.json", rep)
     _csv(out / "rotation.csv", [{"checkpoint": ck["label"], **{k2: v for k2, v in r.items() if k2 != "shape"},
                                  "shape": "x".join(map(str, r["shape"]))}
@@ -223,11 +228,9 @@ def first_order(
     from .plots import plot_first_order
 
     out = _out(out, "first-order")
-    try:
-        rep = run_first_order(base, _ckpts(tuned, "--tuned"), str(data), targets=matrices, layers=layers,
-                              limit=limit, batch_size=batch_size, max_length=max_length, labels=parse_csv(labels))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    rep = _run(lambda _: run_first_order(base, _ckpts(tuned, "--tuned"), str(data), targets=matrices,
+                                         layers=layers, limit=limit, batch_size=batch_size, max_length=max_length,
+                                         labels=parse_csv(labels)))
     write_json(out / "first_order.json", rep)
     _csv(out / "first_order.csv", [{"checkpoint": ck["label"], **r} for ck in rep["checkpoints"]
                                    for r in ck["matrices"]])
@@ -265,11 +268,8 @@ def drift(
     from .plots import plot_drift
 
     out = _out(out, "drift")
-    try:
-        rep = run_drift(base, _ckpts(tuned, "--tuned"), str(data), limit=limit, batch_size=batch_size,
-                        labels=parse_csv(labels))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    rep = _run(lambda _: run_drift(base, _ckpts(tuned, "--tuned"), str(data), limit=limit, batch_size=batch_size,
+                                   labels=parse_csv(labels)))
     write_json(out / "drift.json", rep)
     _csv(out / "drift.csv", [{k: v for k, v in m.items() if not k.startswith("arrow")} for m in rep["models"]])
     plot_drift(rep, out / "drift.png")
@@ -303,13 +303,9 @@ def entropy(
     from .plots import plot_entropy
 
     out = _out(out, "entropy")
-    prog, cb = _progress("models decoded")
-    try:
-        with prog:
-            rep = run_entropy(_ckpts(model, "--model"), str(data), limit=limit, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, labels=parse_csv(labels), progress=cb)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    rep = _run(lambda cb: run_entropy(_ckpts(model, "--model"), str(data), limit=limit,
+                                      max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      labels=parse_csv(labels), progress=cb), progress="models decoded")
     write_json(out / "entropy.json", rep)
     _csv(out / "entropy.csv", [{"model": m["label"], "sample": i, "mean_entropy": e, "generated_tokens": n}
                                for m in rep["models"] for i, (e, n) in enumerate(zip(m["entropies"], m["lengths"]))])

@@ -16,6 +16,21 @@ def refuse_peft(model: torch.nn.Module, method: str) -> None:
                          "checkpoint first (the merged/ folder of a lora/osf run) and train from that")
 
 
+def wrap_peft(model: torch.nn.Module, peft_config: Any, method: str, section: str, targets: list[str],
+              model_name: str) -> torch.nn.Module:
+    """``get_peft_model`` with our errors: a model that already has an adapter, and targets that match nothing
+    (named as the config key ``{section}.targets`` the user has to change)."""
+    from peft import get_peft_model
+
+    refuse_peft(model, method)
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        if "not found in the base model" in str(e):
+            raise ValueError(f"{section}.targets={list(targets)} matches no module of {model_name}: {e}") from None
+        raise
+
+
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import Method, register
-from ._peft import export_merged, refuse_peft
+from ._peft import export_merged, wrap_peft
 
 
 def lora_config(cfg: Any):
@@ -32,16 +32,7 @@ def lora_config(cfg: Any):
 
 
 def wrap_lora(model, cfg: Any, method: str = "lora"):
-    from peft import get_peft_model
-
-    refuse_peft(model, method)
-    try:
-        return get_peft_model(model, lora_config(cfg))
-    except ValueError as e:
-        if "not found in the base model" in str(e):
-            raise ValueError(f"lora.targets={list(cfg.lora.targets)} matches no module of {cfg.model.name}: {e}") \
-                from None
-        raise
+    return wrap_peft(model, lora_config(cfg), method, "lora", cfg.lora.targets, cfg.model.name)
 
 
 def finalize(trainer, cfg, out_dir) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import Method, register
-from ._peft import export_merged, refuse_peft
+from ._peft import export_merged, wrap_peft
 
 
 def osf_config(cfg: Any):
@@ -44,16 +44,7 @@ def osf_config(cfg: Any):
 
 
 def wrap_osf(model, cfg: Any):
-    from peft import get_peft_model
-
-    refuse_peft(model, "osf")
-    try:
-        return get_peft_model(model, osf_config(cfg))
-    except ValueError as e:
-        if "not found in the base model" in str(e):
-            raise ValueError(f"osf.targets={list(cfg.osf.targets)} matches no module of {cfg.model.name}: {e}") \
-                from None
-        raise
+    return wrap_peft(model, osf_config(cfg), "osf", "osf", cfg.osf.targets, cfg.model.name)
 
 
 def finalize(trainer, cfg, out_dir) -> dict:

@@ -22,6 +22,7 @@ import torch
 
 from . import Method, register
 from ._peft import export_merged
+from ..anchor import AnchorTerms
 from .lora import wrap_lora
 from ..selection import matrix_type, module_name
 
@@ -52,14 +53,14 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class LoraRotationAnchor:
+class LoraRotationAnchor(AnchorTerms):
     """Same interface as :class:`rpsft.anchor.RotationAnchor`, on W0 + s·BA of a PEFT LoRA model (Eq. 5)."""
 
+    terms: dict[str, _LoraTerm]
+
     def __init__(self, terms, adapter: str = "default", dtype: torch.dtype = torch.float32):
-        self.terms: dict[str, _LoraTerm] = {t.name: t for t in terms}
+        super().__init__(terms, dtype)
         self.adapter = adapter
-        self.dtype = dtype
-        self.last_sq: dict[str, float] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -85,22 +86,8 @@ class LoraRotationAnchor:
                             "model before wrapping it with LoRA, from the same checkpoint")
         return anchor
 
-    # ------------------------------------------------------------------ introspection
-    @property
-    def ranks(self) -> dict[str, int]:
-        return {n: t.k for n, t in self.terms.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for t in self.terms.values() for x in t.tensors())
-
-    def __len__(self) -> int:
-        return len(self.terms)
-
-    def __repr__(self) -> str:
-        full = sum(t.full for t in self.terms.values())
-        return (f"LoraRotationAnchor({len(self)} matrices, {full} at full rank, k={sorted(set(self.ranks.values()))}, "
-                f"adapter={self.adapter!r}, {self.nbytes / 2**20:.1f} MiB, {self.dtype})")
+    def _repr_extra(self) -> str:
+        return f"adapter={self.adapter!r}, "
 
     def _layers(self, model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, torch.nn.Parameter,
                                                                     torch.nn.Parameter, float]]:
@@ -183,13 +170,6 @@ class LoraRotationAnchor:
             a = float(((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).double().clamp(min=0).sqrt())
             out[name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(name)}
         return out
-
-    def relative_drift_by_type(self, sq: dict[str, float] | None = None) -> dict[str, float]:
-        sq = self.last_sq if sq is None else sq
-        sums: dict[str, list[float]] = {}
-        for name, v in sq.items():
-            sums.setdefault(matrix_type(name), []).append((max(v, 0.0) / max(self.terms[name].ref_sq, 1e-30)) ** 0.5)
-        return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
 
 
 def wrap_anchor(dense, model, cfg) -> LoraRotationAnchor:
