@@ -331,8 +331,9 @@ def build_summary(cfg: CompareConfig, results: dict, analysis: dict, models: dic
                            "steps_per_s": tr["global_step"] / max(tr["train_seconds"], 1e-9),
                            "samples_per_s": samples / max(tr["train_seconds"], 1e-9),
                            "anchor_mib": (tr.get("anchor") or {}).get("nbytes", 0) / 2**20,
-                           "final_train_loss": tr.get("train_loss")}
+                           "mean_train_loss": tr.get("train_loss")}
         rows.append(row)
+    rows.sort(key=lambda r: r["run"] != "base")  # the paper's layout: the base row first, then the runs in order
     base = next((r for r in rows if r["run"] == "base"), None)
     if base:
         for r in rows:
@@ -355,6 +356,9 @@ def render_table(summary: dict) -> str:
     rows = summary["rows"]
     score_cols = sorted({k for r in rows for k in r if (k.startswith("id:") or k.startswith("ood:"))},
                         key=lambda c: (not c.startswith("id:"), c))
+    # Pass@k is a column of its own only where it says something Avg@k does not (k > 1 somewhere)
+    score_cols = [c for c in score_cols if not c.endswith(":pass@k")
+                  or any(r.get(c) != r.get(c.removesuffix(":pass@k")) for r in rows)]
     cols = ([c for c in score_cols if c.startswith("id:")] + ["id_avg"]
             + [c for c in score_cols if c.startswith("ood:")] + ["ood_avg", "probe_kl", "probe_nll_delta",
                                                                    "rotation_deg", "drift"])
@@ -370,16 +374,19 @@ def render_table(summary: dict) -> str:
                 cell += f" ({'+' if d >= 0 else ''}{_fmt(d, c in pct)})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Scores in % (ID: Avg@k, = Pass@k at k = 1; OOD: log-likelihood MC accuracy); (Δ vs base). "
+    lines += ["", "Scores in % (ID: Avg@k; Pass@k has its own column where it differs, i.e. k > 1; OOD: "
+              "log-likelihood MC accuracy); (Δ vs base). "
               "probe_kl: mean per-token KL(base‖tuned) on the shipped general prompts (lower = less forgetting); "
               "rotation_deg: mean principal angle of the top-K left singular subspaces vs base; drift: centroid "
               "distance of pooled hidden states.", "", "| run | train s | steps/s | samples/s | anchor MiB | "
-              "final loss |", "|---|---|---|---|---|---|"]
+              "mean train loss |", "|---|---|---|---|---|---|"]
     for r in rows:
         c = r.get("cost")
         if c:
             lines.append(f"| {r['run']} | {c['train_seconds']:.0f} | {c['steps_per_s']:.3f} | "
-                         f"{c['samples_per_s']:.2f} | {c['anchor_mib']:.1f} | {_fmt(c['final_train_loss'])} |")
+                         f"{c['samples_per_s']:.2f} | {c['anchor_mib']:.1f} | {_fmt(c['mean_train_loss'])} |")
+    lines += ["", "mean train loss: the trainer's loss averaged over all steps (the task loss; DFT's is its "
+              "probability-weighted loss, not comparable with the others)."]
     return "\n".join(lines) + "\n"
 
 
@@ -393,23 +400,41 @@ def _plt():
 
 
 def plot_tradeoff(summary: dict, path: str | Path) -> None:
-    """Fig. 4's shape: ID score against OOD score (or against −probe KL when no OOD suite ran), one point a run."""
+    """Fig. 4's shape: ID score against OOD score, one point per run; beside it ID against the forgetting probe
+    (−KL, right = less forgetting) when the probe ran — on a small model the probe resolves what a few dozen
+    multiple-choice questions cannot. Runs that land on the same point share one label."""
     plt = _plt()
     rows = summary["rows"]
-    use_ood = any(r.get("ood_avg") is not None for r in rows)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        x = r.get("ood_avg") if use_ood else (-(r.get("probe_kl") or 0.0))
-        y = r.get("id_avg")
-        if x is None or y is None:
-            continue
-        x, y = (100 * x if use_ood else x), 100 * y
-        ax.scatter([x], [y], s=90 if r["run"] == "base" else 50, marker="*" if r["run"] == "base" else "o")
-        ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("OOD average (%)" if use_ood else "− probe KL(base‖tuned)  (right = less forgetting)")
-    ax.set_ylabel("ID average (%)")
-    ax.set_title("ID / OOD trade-off")
-    ax.grid(alpha=0.3)
+    panels = []
+    if any(r.get("ood_avg") is not None for r in rows):
+        panels.append(("OOD average (%)", lambda r: None if r.get("ood_avg") is None else 100 * r["ood_avg"]))
+    if any(r.get("probe_kl") is not None for r in rows):
+        panels.append(("− probe KL(base‖tuned)  (right = less forgetting)",
+                       lambda r: None if r.get("probe_kl") is None else -r["probe_kl"]))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (xlabel, xof) in zip(axes[0], panels):
+        points: dict[tuple[float, float], list[str]] = {}
+        for r in rows:
+            x, y = xof(r), r.get("id_avg")
+            if x is None or y is None:
+                continue
+            points.setdefault((round(x, 9), round(100 * y, 9)), []).append(r["run"])
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        span = (max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 1.0)
+        placed: list[tuple[float, float]] = []
+        for (x, y), names in points.items():
+            base = "base" in names
+            ax.scatter([x], [y], s=90 if base else 50, marker="*" if base else "o")
+            # points closer than 3 % of the spread would print their labels over each other: stack them
+            near = sum(abs(x - px) < 0.03 * span[0] and abs(y - py) < 0.03 * span[1] for px, py in placed)
+            placed.append((x, y))
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4 + 11 * near), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ID average (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("ID / OOD trade-off")
     fig.tight_layout()
     with io.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

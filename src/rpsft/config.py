@@ -70,7 +70,7 @@ class TrainConfig:
     save_total_limit: int | None = 2
     seed: int = 42
     bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
-    gradient_checkpointing: bool | None = None  # None: off on CPU (no memory pressure, ~30% slower)
+    gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
     loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
 
 
@@ -294,6 +294,11 @@ def validate(cfg: Config) -> None:
                                                           f"{a.mode!r}"),
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
+    raise_first_failed(checks)
+
+
+def raise_first_failed(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first failed ``(ok, message)`` check."""
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from . import io
-from .config import AnchorConfig, ConfigError, _coerce, read_config_file, set_dotted
+from .config import AnchorConfig, ConfigError, _coerce, raise_first_failed, read_config_file, set_dotted
 
 # ----------------------------------------------------------------------------------------------------- config
 
@@ -215,9 +215,7 @@ def validate_rl(cfg: RLConfig) -> None:
          f"data.system_prompt must be auto, boxed, file or none, got {cfg.data.system_prompt!r}"),
         (cfg.anchor.lam >= 0 and cfg.anchor.period >= 1, "anchor.lam must be >= 0 and anchor.period >= 1"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    raise_first_failed(checks)
 
 
 def rl_to_dict(cfg: RLConfig) -> dict:
@@ -512,10 +510,9 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
            progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
     import torch
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .models import load_model
-    from .train import MetricsJsonlCallback, build_anchor
+    from .train import build_anchor, install_callbacks
 
     validate_rl(cfg)
     out = Path(cfg.output_dir)
@@ -542,13 +539,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         anchor = build_anchor(model, cfg, progress=progress)  # frames of the init (SFT) weights; cached bases
         anchor = anchor if len(anchor) else None
     trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
-    for cb in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(cb)
-    trainer.add_callback(MetricsJsonlCallback(out / "metrics.jsonl"))
-    if progress:
-        trainer.add_callback(_progress_callback(console))
-    for cb in extra_callbacks or []:
-        trainer.add_callback(cb)
+    install_callbacks(trainer, out, _progress_callback(console) if progress else None, extra_callbacks)
 
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

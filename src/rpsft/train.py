@@ -275,11 +275,21 @@ def _yaml_diff(saved: str, current: str) -> list[str]:
             if line[:1] in "+-" and line[:3] not in ("+++", "---")]
 
 
+def install_callbacks(trainer, out: Path, progress_callback=None, extra_callbacks: list | None = None) -> None:
+    """Our logging in place of transformers' tqdm bar and printer: metrics.jsonl, an optional rich progress
+    callback, and the caller's extra callbacks (timing in ``rpsft bench``, interruptions in tests)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(MetricsJsonlCallback(out / "metrics.jsonl"))
+    for cb in ([progress_callback] if progress_callback is not None else []) + list(extra_callbacks or []):
+        trainer.add_callback(cb)
+
+
 def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False, console=None,
           extra_callbacks: list | None = None, progress: bool = True) -> dict:
     """Run one training job described by ``cfg``; returns the run summary (also written to run.json)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     from .data.formats import load_records, to_dataset
     from .methods import get_method
 
@@ -311,13 +321,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, anchor=anchor,
                           anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg,
                           anchor_mode=cfg.anchor.mode)
-    for cb in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(cb)
-    trainer.add_callback(MetricsJsonlCallback(out / "metrics.jsonl"))
-    if progress:
-        trainer.add_callback(RichProgressCallback(console))
-    for cb in extra_callbacks or []:
-        trainer.add_callback(cb)
+    install_callbacks(trainer, out, RichProgressCallback(console) if progress else None, extra_callbacks)
 
     t1 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from rpsft.compare import load_compare_config, plan_runs, plot_rank_sweep, render_table, run_compare
+from rpsft.compare import (load_compare_config, plan_runs, plot_rank_sweep, plot_tradeoff, render_table,
+                           run_compare)
 from rpsft.config import ConfigError
 
 
@@ -40,7 +41,7 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
     for f in ("summary.json", "table.md", "tradeoff.png", "rank_sweep.png", "rotation.png", "drift.png"):
         assert (out / f).is_file(), f
     rows = {r["run"]: r for r in summary["rows"]}
-    assert set(rows) == {"sft", "rpsft", "rpsft-k2", "base"}
+    assert set(rows) == {"sft", "rpsft", "rpsft-k2", "base"} and summary["rows"][0]["run"] == "base"
     assert rows["base"]["probe_kl"] == 0.0 and rows["sft"]["probe_kl"] > 0
     assert rows["sft"]["rotation_deg"] > 0 and rows["rpsft"]["drift"] > 0
     assert rows["rpsft"]["cost"]["anchor_mib"] > 0 and rows["sft"]["cost"]["anchor_mib"] == 0
@@ -97,3 +98,19 @@ def test_rank_sweep_plot_spans_sft_to_l2init(tmp_path, monkeypatch):
     plot_rank_sweep(summary, "rpsft", tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert seen["labels"] == ["0 (SFT)", "8", "64", "full (L2-Init)"]  # dft (k=0, not SFT) is not a sweep point
+
+
+def test_tradeoff_plot_labels_coincident_runs_once(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    notes = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **kw: notes.append(text) or real(self, text, *a, **kw))
+    row = lambda run, i, o, kl: {"run": run, "id_avg": i, "ood_avg": o, "probe_kl": kl}  # noqa: E731
+    summary = {"rows": [row("base", 0.0, 0.3, 0.0), row("sft", 0.05, 0.2, 0.02), row("rpsft", 0.05, 0.2, 0.01),
+                        row("lora", 0.03, None, 0.04)]}
+    plot_tradeoff(summary, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    # panel 1 (ID vs OOD): sft and rpsft coincide, lora has no OOD score; panel 2 (ID vs −KL): all apart
+    assert notes == ["base", "sft, rpsft", "base", "sft", "rpsft", "lora"]
