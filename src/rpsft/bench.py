@@ -232,6 +232,7 @@ def run_bench(s: BenchSettings, out: str | Path, on_result=None) -> dict:
             spec = {"overrides": method_overrides(s, m, run_dir, data),
                     "result_path": str(out / "runs" / f"{m}.r{rep}.result.json")}
             res = _run_child(spec, out / "runs" / f"{m}.r{rep}.log", s.timeout_s)
+            _drop_weights(run_dir)
             runs[m].append(res)
             if on_result is not None:
                 on_result(m, rep, res)
@@ -242,6 +243,20 @@ def run_bench(s: BenchSettings, out: str | Path, on_result=None) -> dict:
     io.write_json(out / "bench.json", report)
     io.write_text(out / "bench.md", markdown_table(report))
     return report
+
+
+def _drop_weights(run_dir: Path) -> None:
+    """A bench run's weights are a by-product (a few steps of timing): delete them, keep its logs and run.json.
+    Without this every method left a full checkpoint behind (≈ 0.5 GB each for SmolLM2, more with merged LoRA)."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p.is_dir() and (p.name.startswith("checkpoint-") or p.name == "merged"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------- reporting

@@ -69,6 +69,9 @@ def test_bench_cli_runs_each_method_in_its_own_process(tiny_model_dir, synth_dat
     assert 0 < rp["anchor_share_of_step"] < 1 and rp["anchor_call_seconds_median"] > 0
     # each method really ran in a process of its own: separate logs, separate peak-RSS readings
     assert (out / "runs" / "sft.r0.log").is_file() and (out / "runs" / "rpsft.r0.log").is_file()
+    # the runs' weights are deleted once timed (they are a few steps of noise), their logs and summaries kept
+    assert (out / "runs" / "rpsft" / "run.json").is_file()
+    assert not list((out / "runs").rglob("*.safetensors")) and not list((out / "runs").rglob("checkpoint-*"))
     md = (out / "bench.md").read_text()
     assert "| rpsft | ok |" in md and "| no-such-method | not available" in md
     assert "| sft | ok |" in r.output  # the table is printed too
