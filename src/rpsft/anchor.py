@@ -88,6 +88,11 @@ class AnchorTerms:
     def _repr_extra(self) -> str:
         return ""
 
+    def _drift_row(self, name: str, a: float) -> dict:
+        """``drift()``'s entry for one matrix from its ‖A‖_F: absolute, relative to ‖σ_k‖ (‖W0‖ at full rank)."""
+        t = self.terms[name]
+        return {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(name)}
+
     def relative_drift_by_type(self, sq: dict[str, float] | None = None) -> dict[str, float]:
         """Mean relative drift ‖A‖/‖σ_k‖ per matrix type, from ``sq`` (default: the last accumulate_grad_)."""
         sq = self.last_sq if sq is None else sq
@@ -285,6 +290,5 @@ class RotationAnchor(AnchorTerms):
         """Per matrix: ``abs`` = ‖A‖_F, ``rel`` = ‖A‖_F / ‖σ_k‖ (‖W−W0‖/‖W0‖ at full rank), ``k``, ``type``."""
         out = {}
         for t, _, _, sq in self._residuals(model):
-            a = float(sq.double()) ** 0.5
-            out[t.name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(t.name)}
+            out[t.name] = self._drift_row(t.name, float(sq.double()) ** 0.5)
         return out

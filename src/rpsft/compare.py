@@ -143,19 +143,25 @@ def _train_config(cfg: CompareConfig, run: Run, root: Path):
     return load_config(cfg.train_config, [*cfg.train_set, *run.overrides, f"output_dir={root / 'runs' / run.name}"])
 
 
-def _jsonable(key: Any) -> Any:
-    """A stage key as it reads back from its JSON file (tuples become lists, paths strings)."""
-    return json.loads(json.dumps(key, default=str))
+def _stored(path: Path, key: Any) -> tuple[dict | None, bool]:
+    """(the result stored at ``path`` if it was made from these inputs, whether one from other inputs is there).
+    Keys compare as they read back from JSON (tuples become lists, paths strings)."""
+    if not path.is_file():
+        return None, False
+    old = json.loads(path.read_text())
+    if old.get("stage_key") == json.loads(json.dumps(key, default=str)):
+        return old, False
+    return None, True
 
 
 def _stage(path: Path, fn: Callable[[], dict], log: Callable[[str], None], what: str, key: Any = None) -> dict:
     """Run ``fn`` unless ``path`` already holds its result for the same inputs (``key``); write it atomically."""
-    key = _jsonable(key)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("stage_key") == key:
-            log(f"[dim]skip {what}: {path} is up to date[/dim]")
-            return old
+    key = json.loads(json.dumps(key, default=str))
+    old, stale = _stored(path, key)
+    if old is not None:
+        log(f"[dim]skip {what}: {path} is up to date[/dim]")
+        return old
+    if stale:
         log(f"[yellow]{what}: inputs changed since {path} was written; redoing it[/yellow]")
     t = time.perf_counter()
     log(f"[bold]{what}[/bold] ...")
@@ -193,7 +199,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         stage_file = root / "stages" / r.name / "train.json"
         # A finished run whose config has changed since is stale: start it over. An unfinished one resumes from
         # its last checkpoint (train's resume guard refuses, with the diff, if its config was changed meanwhile).
-        stale = stage_file.is_file() and json.loads(stage_file.read_text()).get("stage_key") != _jsonable(key)
+        stale = _stored(stage_file, key)[1]
 
         def do_train(tcfg=tcfg, run_dir=run_dir, stale=stale):
             resume = "latest" if not stale and latest_checkpoint(run_dir) is not None else None

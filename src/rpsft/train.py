@@ -207,7 +207,8 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
 
 
 def build_sft_config(cfg: Config, output_dir: str | Path, **overrides: Any) -> SFTConfig:
-    """TRL ``SFTConfig`` from our config, with CPU-safe defaults (fp32, no gradient checkpointing, plain AdamW)."""
+    """TRL ``SFTConfig`` from our config, with CPU-safe defaults (:func:`common_trainer_kwargs`: fp32 and no
+    gradient checkpointing on CPU) and the SFT-specific fields."""
     t = cfg.train
     kwargs = common_trainer_kwargs(t, output_dir)
     kwargs.update(

@@ -24,7 +24,7 @@ from . import Method, register
 from ._peft import export_merged
 from ..anchor import AnchorTerms
 from .lora import wrap_lora
-from ..selection import matrix_type, module_name
+from ..selection import module_name
 
 
 @dataclass
@@ -167,8 +167,8 @@ class LoraRotationAnchor(AnchorTerms):
         for name, (_, A, B, s) in self._layers(model).items():
             t = self.terms[name]
             P, Q = self._factors(t, A, B)
-            a = float(((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).double().clamp(min=0).sqrt())
-            out[name] = {"abs": a, "rel": a / max(t.ref_sq, 1e-30) ** 0.5, "k": t.k, "type": matrix_type(name)}
+            sq = ((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).double().clamp(min=0)  # ‖s·PQ‖² from two r×r Grams
+            out[name] = self._drift_row(name, float(sq.sqrt()))
         return out
 
 
