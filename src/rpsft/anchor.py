@@ -25,7 +25,8 @@ import torch
 
 from .bases import Bases, BasesCache, get_bases
 from .precision import ieee_fp32
-from .distributed import all_reduce_sum_, assign_owners, broadcast_, is_dtensor, row_shard, world
+from .distributed import all_reduce_sum_, assign_owners, broadcast_, collective_device, is_dtensor, row_shard, world
+from .placement import bases_device, canonical_parameters, host_values, svd_threads
 from .selection import matrix_type, resolve_ranks, select_matrices
 
 
@@ -88,6 +89,15 @@ class AnchorTerms:
     def _repr_extra(self) -> str:
         return ""
 
+    @staticmethod
+    def _place(t, device: torch.device) -> None:
+        """Move term ``t``'s tensors to ``device`` (its parameter's) on first use: the anchor is built while the
+        model is on the CPU and the Trainer moves or shards the model afterwards."""
+        for field in ("U", "S", "V", "W0"):
+            x = getattr(t, field, None)
+            if x is not None and x.device != device:
+                setattr(t, field, x.to(device))
+
     def _drift_row(self, name: str, a: float) -> dict:
         """``drift()``'s entry for one matrix from its ‖A‖_F: absolute, relative to ‖σ_k‖ (‖W0‖ at full rank)."""
         t = self.terms[name]
@@ -147,18 +157,19 @@ class RotationAnchor(AnchorTerms):
                                  row0=row_shard(p)[1] if is_dtensor(p) else None)
                 continue
             W = p.detach().full_tensor() if is_dtensor(p) else p.detach()  # a collective: same order everywhere
-            if owners[i] == me:
-                computed[i] = get_bases(W, k, solver=svd, cache=cache, niter=niter)
+            if owners[i] == me:  # on the accelerator when there is one, else on all of this process's CPU cores
+                with svd_threads():
+                    computed[i] = get_bases(W.to(bases_device(p)), k, solver=svd, cache=cache, niter=niter)
         for i, (name, p) in enumerate(matrices):
             if ks[i] == 0:
                 continue
             k, (m, n) = ks[i], shapes[i]
             device = p.device
             if world_size > 1:  # one flat broadcast per matrix from its owner
-                flat = torch.empty((m + n + 1) * k, dtype=torch.float32, device=device)
+                flat = torch.empty((m + n + 1) * k, dtype=torch.float32, device=collective_device(device))
                 if owners[i] == me:
                     b = computed[i]
-                    flat.copy_(torch.cat([b.U.reshape(-1), b.S, b.V.reshape(-1)]).to(device))
+                    flat.copy_(torch.cat([b.U.reshape(-1), b.S, b.V.reshape(-1)]).to(flat.device))
                 broadcast_(flat, owners[i])
                 computed[i] = Bases(flat[:m * k].view(m, k), flat[m * k:m * k + k], flat[m * k + k:].view(n, k))
             b = computed.pop(i)
@@ -168,7 +179,7 @@ class RotationAnchor(AnchorTerms):
         return cls(terms, dtype=dtype)
 
     def _params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        params = dict(model.named_parameters())
+        params = canonical_parameters(model)  # names without checkpoint / compile wrapper components
         out = {}
         for name, t in self.terms.items():
             p = params.get(name)
@@ -184,6 +195,7 @@ class RotationAnchor(AnchorTerms):
     # ------------------------------------------------------------------ the math
     def _residual(self, t: _Term, W: torch.Tensor) -> torch.Tensor:
         """A = U_kᵀ W V_k − diag σ_k (k×k), or W − W0 at full rank; in self.dtype."""
+        self._place(t, W.device)
         W = W.to(self.dtype)
         if t.full:
             return W - t.W0
@@ -199,16 +211,16 @@ class RotationAnchor(AnchorTerms):
         ``record=True`` also keeps each matrix's ‖A‖² in ``last_sq`` (for drift logging) at no extra cost."""
         params = self._params(model)
         total = None
-        if record:
-            self.last_sq = {}
+        sq = []
         for name, t in self.terms.items():
             if is_dtensor(params[name]):
                 raise NotImplementedError("penalty() is the autograd path for unsharded weights; under FSDP2 use "
                                           "accumulate_grad_ (closed form, returns R) or drift()")
             r = self._residual(t, params[name]).pow(2).sum()
-            if record:
-                self.last_sq[name] = float(r.detach())
+            sq.append(r.detach())
             total = r if total is None else total + r
+        if record:  # one stacked device-to-host transfer, not one sync per matrix
+            self.last_sq = dict(zip(self.terms, host_values(torch.stack(sq)))) if sq else {}
         if total is None:
             return torch.zeros((), dtype=self.dtype)
         return total
@@ -237,6 +249,7 @@ class RotationAnchor(AnchorTerms):
             p = params[name]
             if is_dtensor(p):
                 W, group = self._localize(t, p)
+                self._place(t, W.device)  # after the row cut: only this rank's rows of U_k / W0 move
                 W = W.to(self.dtype)
                 if t.full:
                     D = W - t.W0
@@ -280,15 +293,15 @@ class RotationAnchor(AnchorTerms):
         if not res:
             self.last_sq = {}
             return 0.0
-        values = torch.stack([sq for *_, sq in res]).double().cpu()  # one device sync per step
-        self.last_sq = dict(zip(self.terms, values.tolist()))
-        return float(values.sum())
+        values = host_values(torch.stack([sq for *_, sq in res]))  # one device sync per step
+        self.last_sq = dict(zip(self.terms, values))
+        return float(sum(values))
 
     @torch.no_grad()
     @ieee_fp32()
     def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """Per matrix: ``abs`` = ‖A‖_F, ``rel`` = ‖A‖_F / ‖σ_k‖ (‖W−W0‖/‖W0‖ at full rank), ``k``, ``type``."""
-        out = {}
-        for t, _, _, sq in self._residuals(model):
-            out[t.name] = self._drift_row(t.name, float(sq.double()) ** 0.5)
-        return out
+        res = self._residuals(model)
+        values = host_values(torch.stack([sq for *_, sq in res])) if res else []  # one sync for all matrices
+        return {t.name: self._drift_row(t.name, v ** 0.5)
+                for (t, *_), v in zip(res, values)}

@@ -24,6 +24,7 @@ from . import Method, register
 from ._peft import export_merged
 from ..anchor import AnchorTerms
 from .lora import wrap_lora
+from ..placement import canonical_modules, host_values
 from ..selection import module_name
 
 
@@ -94,13 +95,10 @@ class LoraRotationAnchor(AnchorTerms):
         """dense name -> (base layer, lora_A weight (r×n), lora_B weight (m×r), scaling s)."""
         from peft.tuners.lora import LoraLayer
 
-        base = _base(model)
+        modules = canonical_modules(_base(model))  # names without checkpoint / compile wrapper components
         out = {}
         for name, t in self.terms.items():
-            try:
-                layer = base.get_submodule(t.module)
-            except AttributeError:
-                layer = None
+            layer = modules.get(t.module)
             if not isinstance(layer, LoraLayer) or self.adapter not in layer.lora_A:
                 raise ValueError(
                     f"anchor matrix {name} is not adapted by LoRA adapter {self.adapter!r}: its weight is frozen, so "
@@ -125,6 +123,7 @@ class LoraRotationAnchor(AnchorTerms):
     # ------------------------------------------------------------------ the math
     def _factors(self, t: _LoraTerm, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """P = U_kᵀB (k×r) and Q = AV_k (r×k); at full rank P = B, Q = A."""
+        self._place(t, A.device)  # built on the CPU; the Trainer moves the model afterwards
         A, B = A.to(self.dtype), B.to(self.dtype)
         if t.full:
             return B, A
@@ -156,20 +155,19 @@ class LoraRotationAnchor(AnchorTerms):
         if not sq:
             self.last_sq = {}
             return 0.0
-        values = torch.stack(sq).double().cpu()
-        self.last_sq = dict(zip(self.terms, values.tolist()))
-        return float(values.sum())
+        values = host_values(torch.stack(sq))  # one device sync per step
+        self.last_sq = dict(zip(self.terms, values))
+        return float(sum(values))
 
     @torch.no_grad()
     def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """Per matrix: ``abs`` = ‖s·PQ‖_F, ``rel`` = abs / ‖σ_k‖ (‖s·BA‖/‖W0‖ at full rank), ``k``, ``type``."""
-        out = {}
+        sq = []
         for name, (_, A, B, s) in self._layers(model).items():
-            t = self.terms[name]
-            P, Q = self._factors(t, A, B)
-            sq = ((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).double().clamp(min=0)  # ‖s·PQ‖² from two r×r Grams
-            out[name] = self._drift_row(name, float(sq.sqrt()))
-        return out
+            P, Q = self._factors(self.terms[name], A, B)
+            sq.append(((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).clamp(min=0))  # ‖s·PQ‖² from two r×r Grams
+        values = host_values(torch.stack(sq)) if sq else []  # one sync for all matrices
+        return {name: self._drift_row(name, v ** 0.5) for name, v in zip(self.terms, values)}
 
 
 def wrap_anchor(dense, model, cfg) -> LoraRotationAnchor:
