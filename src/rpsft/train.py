@@ -28,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from . import io
 from .anchor import RotationAnchor
 from .config import Config, dump_yaml, to_dict
+from .launch import check_launch, resolve_checkpointing
 from .models import cache_root, load_model, parse_dtype
 
 
@@ -79,7 +80,7 @@ class AnchoredSFTTrainer(SFTTrainer):
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
         c = 1 if scaled else self.current_gradient_accumulation_steps
         r = self.anchor.penalty(self.anchor_model(), record=True)
-        self._penalties.append(float(r.detach()))
+        self._penalties.append(sum(self.anchor.last_sq.values()))  # recorded with one host sync, not another
         self._drift = self.anchor.relative_drift_by_type()
         extra = (self.anchor_weight * c) * r.to(out[0].dtype if return_outputs else out.dtype)
         return (out[0] + extra, out[1]) if return_outputs else out + extra
@@ -179,6 +180,7 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
     gpu = on_gpu()
     bf16 = t.bf16 if t.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
     gc = t.gradient_checkpointing if t.gradient_checkpointing is not None else gpu
+    gc = resolve_checkpointing(bool(gc))  # FSDP's own activation checkpointing (accelerate config) wins
     kwargs = dict(
         output_dir=str(output_dir),
         learning_rate=t.lr,
@@ -201,8 +203,9 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    if gc:  # only when wanted: transformers 5 warns about the old field name whenever it is passed
-        kwargs["gradient_checkpointing"] = True
+    # always explicit, under the new name: TRL's configs default the deprecated `gradient_checkpointing` to True,
+    # which transformers copies into `activation_checkpointing` when that is left unset (it was on, on CPU too)
+    kwargs["activation_checkpointing"] = bool(gc)
     return kwargs
 
 
@@ -296,6 +299,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
 
     method = get_method(cfg.method)
     use_anchor = method.anchor_enabled(cfg.anchor.enabled)
+    check_launch(use_anchor)  # accelerate settings the anchor cannot work with fail here, not after the bases
     out = Path(cfg.output_dir)
     ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
     out.mkdir(parents=True, exist_ok=True)
