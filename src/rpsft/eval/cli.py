@@ -75,6 +75,14 @@ def eval_command(
                                                      "GSM8K rows, file otherwise)"),
     probe_base: Optional[str] = typer.Option(None, "--probe-base", help="base model for the 'probe' suite"),
     seed: int = typer.Option(0, "--seed"),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size",
+                                                       help="vLLM: GPUs one model is split over (default 1)"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len",
+                                                help="vLLM: context to reserve KV cache for (default: the model's; "
+                                                     "lower it when a long-context model does not fit)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="vLLM: weight dtype, e.g. bfloat16 (default auto)"),
+    gpu_memory_utilization: Optional[float] = typer.Option(
+        None, "--gpu-memory-utilization", help="vLLM: fraction of GPU memory to use (default 0.85)"),
 ) -> None:
     """Evaluate a model: Avg@k / Pass@k on math and OOD benchmarks, log-likelihood multiple choice, or the
     forgetting probe. Interrupted runs resume from OUT/samples.jsonl."""
@@ -97,7 +105,10 @@ def eval_command(
             summary = run_eval(model, suite, k=k, limit=limit, backend=backend, out_dir=out,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                                batch_size=batch_size, seed=seed, eval_dir=eval_dir, n=n, loglik=loglik,
-                               system_prompt=system_prompt, probe_base=probe_base, progress=progress)
+                               system_prompt=system_prompt, probe_base=probe_base, progress=progress,
+                               vllm_options=dict(tensor_parallel_size=tensor_parallel_size,
+                                                 max_model_len=max_model_len, dtype=dtype,
+                                                 gpu_memory_utilization=gpu_memory_utilization))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             bar.stop()
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)

@@ -78,7 +78,8 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
              temperature: float = 0.7, top_p: float = 0.95, greedy: bool = False, batch_size: int | None = None,
              seed: int = 0, eval_dir: str | Path | None = None, *, n: int | None = None, loglik: bool = False,
              system_prompt: str | None = None, probe_base: str | None = None, judge_timeout_s: float = 5.0,
-             device: str | None = None, progress: Progress | None = None) -> dict:
+             device: str | None = None, progress: Progress | None = None,
+             vllm_options: dict | None = None) -> dict:
     """Evaluate ``model`` on ``suites``; writes ``out_dir/summary.json`` and ``out_dir/samples.jsonl`` and
     returns the summary.
 
@@ -86,12 +87,17 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     when more than k are wanted for the unbiased pass@k (default k). loglik: score multiple-choice options
     by log-likelihood instead of generating (non-multiple-choice benchmarks are skipped). system_prompt:
     "boxed" | "file" | "none" (default per benchmark, see loaders). probe_base: base model for the ``probe``
-    suite. progress(description, done, total) is called as work finishes."""
+    suite. progress(description, done, total) is called as work finishes. vllm_options: keyword arguments for
+    ``vllm.LLM`` with backend vllm (tensor_parallel_size, max_model_len, dtype, gpu_memory_utilization)."""
     t0 = time.time()
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     if loglik and backend != "hf":
         raise ValueError("--loglik scores options with the HF model's forward pass; use --backend hf")
+    vllm_options = {key: v for key, v in (vllm_options or {}).items() if v is not None}
+    if vllm_options and backend != "vllm":
+        raise ValueError(f"{', '.join(sorted(vllm_options))} configure the vLLM engine; add --backend vllm or drop "
+                         "them")
     for name, v in (("k", k), ("n", n), ("limit", limit)):
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -165,7 +171,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
             finished, new_tokens = _run_generate(
                 model, jobs, items, backend, batch_size, max_new_tokens, temperature, top_p, greedy, seed,
                 samples_path, done, judge_timeout_s, progress, finished, total,
-                (lm, tok) if backend == "hf" else None)
+                (lm, tok) if backend == "hf" else None, vllm_options)
         gen_s = time.time() - tg
 
     # 4. summaries
@@ -184,6 +190,8 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
         "skipped": skipped, "samples": str(samples_path), "generated_now": len(jobs),
         "new_tokens": new_tokens, "gen_s": round(gen_s, 2),
     }
+    if vllm_options:
+        summary["vllm_options"] = vllm_options
     if want_probe:
         from rpsft.eval.probe import forgetting_probe
 
@@ -196,7 +204,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
 
 
 def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, temperature, top_p, greedy, seed,
-                  samples_path, done, judge_timeout_s, progress, finished, total, loaded):
+                  samples_path, done, judge_timeout_s, progress, finished, total, loaded, vllm_options=None):
     from rpsft.eval.generate import HFGenerator, VLLMGenerator, render_prompts
 
     if backend == "hf":
@@ -205,7 +213,7 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
     else:
         from rpsft.models import resolve
 
-        gen = VLLMGenerator(resolve(model), seed=seed)
+        gen = VLLMGenerator(resolve(model), seed=seed, **(vllm_options or {}))
         tok = gen.tok
     rendered: dict[tuple[str, int], str] = {}
     for b, i, _ in jobs:
@@ -232,6 +240,8 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
         finished += len(batch)
         if progress:
             progress("generating", finished, total)
+    if backend == "vllm":
+        gen.close()  # its GPU memory back now (rpsft rl starts TRL's own vLLM engine next)
     return finished, new_tokens
 
 
