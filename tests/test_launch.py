@@ -26,12 +26,14 @@ def _cfg(tiny_model_dir, synth_data, tmp_path, *extra):
 def launch_env(config_file: Path) -> dict[str, str]:
     """The environment ``accelerate launch --config_file FILE`` gives each process (accelerate's own code)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "rpsft.cli"])
     args, _, _ = _validate_launch_command(args)
-    return {k: v for k, v in prepare_multi_gpu_env(args).items()
-            if k.startswith(("ACCELERATE_", "FSDP_")) and v is not None}
+    if args.use_deepspeed:  # launch_command fills this in before it prepares the DeepSpeed environment
+        args.deepspeed_fields_from_accelerate_config = getattr(args, "deepspeed_fields_from_accelerate_config", [])
+    env = prepare_deepspeed_cmd_env(args)[1] if args.use_deepspeed else prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_")) and v is not None}
 
 
 # ---------------------------------------------------------------------------------- gradient checkpointing
@@ -86,8 +88,8 @@ def test_cpu_ram_efficient_loading_is_refused_before_loading(tiny_model_dir, syn
 
 
 def test_zero2_bf16_warns_and_points_to_fsdp2(monkeypatch, caplog):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    for k, v in launch_env(ROOT / "configs" / "accelerate" / "zero2.yaml").items():  # the shipped file: bf16
+        monkeypatch.setenv(k, v)
     with caplog.at_level(logging.WARNING, logger="rpsft"):
         notes = check_launch(anchor=True)
     assert len(notes) == 1 and "bf16" in notes[0] and "FSDP2" in notes[0]
