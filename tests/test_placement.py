@@ -72,7 +72,7 @@ def test_gradient_path_makes_every_tensor_on_the_parameters_device(model):
         if name in anchor.terms:
             assert p.grad is not None and p.grad.device.type == "meta", name
     made_elsewhere = [(op, d) for op, d in log.devices if d - {"meta"}]
-    # the single exception: the stacked per-matrix ‖A‖² copied to the host once (meta holds no values: NaN)
+    # not even the per-step host copy of the stacked ‖A‖²: meta holds no values, so it reports NaN instead
     assert made_elsewhere == [], made_elsewhere
     assert r != r and anchor.drift(model)  # NaN sum on meta; drift() runs there too
 
