@@ -75,14 +75,14 @@ def fmt_gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def check_bases(layout: str, device, dtype, k: int) -> dict:
+def check_bases(layout: str, device, dtype, k: int, svd: str = "exact") -> dict:
     from rpsft.anchor import RotationAnchor
 
     model = qwen2(layout, device, dtype)
     sync(device)
     mem0 = allocated(device)
     t = time.perf_counter()
-    anchor = RotationAnchor.from_model(model, rank=k)
+    anchor = RotationAnchor.from_model(model, rank=k, svd=svd)
     sync(device)
     seconds = time.perf_counter() - t
     out = {"seconds": seconds, "matrices": len(anchor), "nbytes": anchor.nbytes,
@@ -218,17 +218,18 @@ def run_checks(args) -> list[tuple[str, str, str]]:
                 torch.cuda.empty_cache()
 
     if args.bases_layout != "none":
-        b = guarded(f"bases ({args.bases_layout})", lambda: check_bases(args.bases_layout, device, dtype, args.k))
+        b = guarded(f"bases ({args.bases_layout})",
+                    lambda: check_bases(args.bases_layout, device, dtype, args.k, args.svd))
         if b is not None:
-            rows.append((f"bases ({args.bases_layout}, k={args.k}, {b['matrices']} matrices)",
+            rows.append((f"bases ({args.bases_layout}, k={args.k}, svd={args.svd}, {b['matrices']} matrices)",
                          f"{b['seconds']:.1f} s", "<= 20 s (7B layout)"))
             del b
 
-    b = guarded(f"bases ({args.layout})", lambda: check_bases(args.layout, device, dtype, args.k))
+    b = guarded(f"bases ({args.layout})", lambda: check_bases(args.layout, device, dtype, args.k, args.svd))
     if b is None:
         return rows
     anchor, model = b["anchor"], b["model"]
-    rows.append((f"bases ({args.layout}, k={args.k}, {b['matrices']} matrices)", f"{b['seconds']:.1f} s", ""))
+    rows.append((f"bases ({args.layout}, k={args.k}, svd={args.svd}, {b['matrices']} matrices)", f"{b['seconds']:.1f} s", ""))
     rows.append(("anchor memory on device (measured / formula)",
                  f"{fmt_gib(b['measured_bytes'])} / {fmt_gib(b['nbytes'])}" if device.type == "cuda"
                  else f"- / {fmt_gib(b['nbytes'])}", "measured ≈ formula"))
@@ -291,6 +292,7 @@ def parse_args(argv=None):
                     help="an extra layout timed for bases only ('none' to skip)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--k", type=int, default=768)
+    ap.add_argument("--svd", default="exact", choices=("exact", "gram"), help="bases solver (anchor.svd)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--grad-accum", type=int, default=4)

@@ -30,7 +30,7 @@ def test_tiny_cpu_run_prints_every_row(gpu_check, tmp_path):
                           console=Console(file=out, width=200))
     checks = [r[0] for r in rows]
     assert not [r for r in rows if r[1].startswith("error")], rows
-    assert sum(c.startswith("bases (tiny, k=8, 14 matrices)") for c in checks) == 2  # 7 projections × 2 layers
+    assert sum(c.startswith("bases (tiny, k=8, svd=exact, 14 matrices)") for c in checks) == 2  # 7 projections × 2 layers
     values = {c: v for c, v, _ in rows}
     assert values["anchor memory on device (measured / formula)"].startswith("- / 0.00 GiB")
     R, max_rel = (float(x) for x in values["penalty at init: R, max ‖A‖/‖σ_k‖"].split(", "))
