@@ -19,7 +19,8 @@ def print_summary(summary: dict, console=None) -> None:
 
     console = console or Console()
     loglik = summary.get("mode") == "loglik"
-    table = Table(title=f"rpsft eval: {summary['model']} ({summary['mode']}, %)",
+    proto = f", {summary.get('mc_protocol', 'paper')} protocol" if loglik else ""
+    table = Table(title=f"rpsft eval: {summary['model']} ({summary['mode']}{proto}, %)",
                   caption=None if loglik else "pass@k* = unbiased pass@k from n > k samples; ans = answer "
                   "extracted; flex = last-number grading (GSM8K); cut = hit max-new-tokens")
     table.add_column("benchmark", no_wrap=True)
@@ -67,6 +68,10 @@ def eval_command(
     top_p: float = typer.Option(0.95, "--top-p"),
     greedy: bool = typer.Option(False, "--greedy", help="greedy decoding (k becomes 1)"),
     loglik: bool = typer.Option(False, "--loglik", help="score multiple-choice options by log-likelihood"),
+    mc_protocol: str = typer.Option("paper", "--mc-protocol",
+                                    help="multiple-choice protocol: paper (the benchmark's chat prompt) or lm-eval "
+                                         "(lm-evaluation-harness's zero-shot 'Question: ... Answer:' log-likelihood "
+                                         "request; implies --loglik)"),
     eval_dir: Optional[str] = typer.Option(None, "--eval-dir",
                                            help="official files (id/, ood/); default $RPSFT_EVAL_DIR or "
                                                 "../shared/data/rpsft-eval"),
@@ -97,7 +102,8 @@ def eval_command(
             summary = run_eval(model, suite, k=k, limit=limit, backend=backend, out_dir=out,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                                batch_size=batch_size, seed=seed, eval_dir=eval_dir, n=n, loglik=loglik,
-                               system_prompt=system_prompt, probe_base=probe_base, progress=progress)
+                               system_prompt=system_prompt, probe_base=probe_base, progress=progress,
+                               mc_protocol=mc_protocol)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             bar.stop()
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
