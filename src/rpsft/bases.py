@@ -5,9 +5,10 @@ Three solvers:
 * ``exact`` (default) — ``torch.linalg.svd``; the only one that is right on flat spectra.
 * ``gram`` — eigh of the smaller Gram matrix (WᵀW or WWᵀ); about as accurate for the top of the spectrum
   (the squared condition number only hurts the small singular values we do not keep) and often faster.
-* ``randomized`` — ``torch.svd_lowrank`` with ``niter`` power iterations. On SmolLM2 the spectrum is flat
-  (σ_k/σ_{k+1} ≈ 1.003), so the top-k subspace from a few iterations is badly wrong (niter < 4 is refused, any
-  niter warns); check :func:`subspace_overlap` against exact (benchmarks/precompute.py) before using it.
+* ``randomized`` — ``torch.svd_lowrank`` with ``niter`` power iterations. On SmolLM2 (the embedded checkpoint,
+  de-quantised from Q4_1: docs/eval.md) the spectrum is flat (σ_k/σ_{k+1} ≈ 1.003), so the top-k subspace from
+  a few iterations is badly wrong (niter < 4 is refused, any niter warns); check :func:`subspace_overlap`
+  against exact (benchmarks/precompute.py) before using it.
 
 Whatever the solver, σ is then refined as the Rayleigh quotient diag(U_kᵀ W0 V_k), accumulated in fp64: for the
 fp32-rounded U_k, V_k actually stored this is the value that makes A = U_kᵀ W0 V_k − diag σ_k vanish on its
@@ -117,17 +118,18 @@ def _check_randomized(niter: int) -> None:
     """Randomized bases on flat spectra are wrong at low niter (measured on SmolLM2, docs/method.md §8)."""
     if niter < RANDOMIZED_MIN_NITER:
         raise ValueError(
-            f"svd=randomized with niter={niter} finds the wrong top-k subspace on flat spectra (all 210 SmolLM2 "
-            "projections, k=128: min overlap with the exact basis 0.76, median 0.91 at niter=2). Use niter >= "
+            f"svd=randomized with niter={niter} finds the wrong top-k subspace on flat spectra (all 210 projections "
+            "of the embedded Q4_1-derived SmolLM2, k=128: min overlap with the exact basis 0.76, median 0.91 at "
+            "niter=2). Use niter >= "
             f"{RANDOMIZED_MIN_NITER}, or better svd=gram or svd=exact (exact bases; 8.6 s and 10.9 s for all 210 "
             "matrices on 2 CPU cores)")
     import warnings
 
     warnings.warn(
-        f"svd=randomized (niter={niter}) gives approximate top-k bases: on SmolLM2's flat spectra (σ_k/σ_k+1 median "
-        "1.003) the top-128 subspace overlap with the exact basis is below 0.99 for 161 of 210 matrices at niter=4 "
-        "and still 39 at niter=16, which is slower than exact SVD on CPU. The anchor would hold a frame the "
-        "pretrained model does not have; prefer svd=gram or exact, and check your model with "
+        f"svd=randomized (niter={niter}) gives approximate top-k bases: on the embedded Q4_1-derived SmolLM2's flat "
+        "spectra (σ_k/σ_k+1 median 1.003) the top-128 subspace overlap with the exact basis is below 0.99 for 161 "
+        "of 210 matrices at niter=4 and still 39 at niter=16, which is slower than exact SVD on CPU. The anchor "
+        "would hold a frame the pretrained model does not have; prefer svd=gram or exact, and check your model with "
         "benchmarks/precompute.py", stacklevel=3)
 
 

@@ -52,7 +52,9 @@ def print_summary(summary: dict, console=None) -> None:
 
 def eval_command(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                              help="embedded model name, checkpoint directory (rpsft train output) or hub id"),
+                              help="embedded model name (smollm2-135m-instruct: de-quantised from a Q4_1 GGUF, not "
+                                   "the original bf16 weights; docs/eval.md), checkpoint directory (rpsft train "
+                                   "output) or hub id"),
     suite: str = typer.Option("id", "--suite", "-s",
                               help="id | ood | all | probe | benchmark names (comma-separated), NAME_test, a .jsonl "
                                    "path, hf:DATASET[:SPLIT]"),
