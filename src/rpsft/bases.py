@@ -118,18 +118,17 @@ def _check_randomized(niter: int) -> None:
     """Randomized bases on flat spectra are wrong at low niter (measured on SmolLM2, docs/method.md §8)."""
     if niter < RANDOMIZED_MIN_NITER:
         raise ValueError(
-            f"svd=randomized with niter={niter} finds the wrong top-k subspace on flat spectra (all 210 projections "
-            "of the embedded Q4_1-derived SmolLM2, k=128: min overlap with the exact basis 0.76, median 0.91 at "
-            "niter=2). Use niter >= "
+            f"svd=randomized with niter={niter} finds the wrong top-k subspace on flat spectra (all 210 SmolLM2 "
+            "projections, k=128: min overlap with the exact basis 0.76, median 0.91 at niter=2). Use niter >= "
             f"{RANDOMIZED_MIN_NITER}, or better svd=gram or svd=exact (exact bases; 8.6 s and 10.9 s for all 210 "
             "matrices on 2 CPU cores)")
     import warnings
 
     warnings.warn(
-        f"svd=randomized (niter={niter}) gives approximate top-k bases: on the embedded Q4_1-derived SmolLM2's flat "
-        "spectra (σ_k/σ_k+1 median 1.003) the top-128 subspace overlap with the exact basis is below 0.99 for 161 "
-        "of 210 matrices at niter=4 and still 39 at niter=16, which is slower than exact SVD on CPU. The anchor "
-        "would hold a frame the pretrained model does not have; prefer svd=gram or exact, and check your model with "
+        f"svd=randomized (niter={niter}) gives approximate top-k bases: on SmolLM2's flat spectra (σ_k/σ_k+1 median "
+        "1.003) the top-128 subspace overlap with the exact basis is below 0.99 for 161 of 210 matrices at niter=4 "
+        "and still 39 at niter=16, which is slower than exact SVD on CPU. The anchor would hold a frame the "
+        "pretrained model does not have; prefer svd=gram or exact, and check your model with "
         "benchmarks/precompute.py", stacklevel=3)
 
 

@@ -80,9 +80,10 @@ def continuation_logprobs(model, tokenizer, pairs: list[tuple[str, str]], batch_
 
     Context and continuation are tokenized separately (the boundary is where the continuation starts) and
     concatenated; an empty context is the BOS token (lm-eval's convention), so a result does not depend on
-    which other pairs share its batch. Sequences are left-padded so every continuation ends at the last position and only the
-    last ``max continuation length`` positions go through the LM head (the vocabulary projection of every
-    position would dominate memory). Position ids are set from the mask so padding does not shift them."""
+    which other pairs share its batch. Sequences are left-padded so every continuation ends at the last
+    position and only the last ``max continuation length`` positions go through the LM head (the vocabulary
+    projection of every position would dominate memory). Position ids are set from the mask so padding does not
+    shift them."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
     for idx, res in _iter_scores(model, tokenizer, pairs, batch_size, max_length):
         for i, r in zip(idx, res):
