@@ -1,6 +1,7 @@
 """Precision of the anchor residual A = U_kᵀWV_k − diag σ_k and of ∇R = 2·U_k A V_kᵀ at realistic drift (issue 6.1).
 
-Setting: real SmolLM2-135M-Instruct matrices (the seven projections of a few layers), bases from
+Setting: real SmolLM2-135M-Instruct matrices (the seven projections of a few layers; the embedded checkpoint,
+de-quantised from the Q4_1 GGUF, not the original bf16 weights: docs/eval.md), bases from
 ``rpsft.bases.compute_bases`` (exact SVD, fp32 U/V, Rayleigh-refined σ — exactly what the anchor stores). The weight
 is moved as a few AdamW steps at lr 1e-6 would move it: each step changes every entry by lr·(0.5·g + 0.5·ξ_t) with a
 fixed sign pattern g = ±1 (Adam's m/√v is ≈ ±1 on a persistent gradient) and fresh noise ξ_t ∈ [−1, 1], so after s

@@ -1,6 +1,7 @@
 """Bases precompute: exact SVD vs Gram-eigh vs randomized SVD on every projection matrix of a model (issue 6.2).
 
-For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices) and each k
+For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices;
+the embedded checkpoint, de-quantised from the Q4_1 GGUF: docs/eval.md) and each k
 (default 128 and 384, clipped to min(m, n); a k equal to min(m, n) is L2-Init and needs no bases, so it is skipped):
 
 * wall time of ``rpsft.bases.solve_bases`` (compute_bases without its niter guard) with solver exact, gram and randomized at niter 2, 4, 8, 16

@@ -33,6 +33,7 @@ class EvalSpec:
     max_new_tokens: int | None = None
     batch_size: int | None = None
     loglik: bool = False
+    mc_protocol: str = "paper"  # multiple-choice protocol: paper | lm-eval (rpsft.eval.loglik)
 
 
 @dataclass
@@ -289,7 +290,7 @@ def _eval(cfg: CompareConfig, spec: EvalSpec, model: str, root: Path, name: str,
         return {"benchmarks": {}, "groups": {}, "skipped": absent}
     s = run_eval(model, suites, k=spec.k, limit=spec.limit, greedy=spec.greedy, loglik=spec.loglik,
                  max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, eval_dir=cfg.eval_dir,
-                 out_dir=root / "eval" / name / part)
+                 out_dir=root / "eval" / name / part, mc_protocol=spec.mc_protocol)
     return {"benchmarks": s["benchmarks"], "groups": s.get("groups", {}), "wall_s": s.get("wall_s"),
             "samples": s.get("samples"), "skipped": [*absent, *(s.get("skipped") or [])]}
 
@@ -380,8 +381,9 @@ def render_table(summary: dict) -> str:
                 cell += f" ({'+' if d >= 0 else ''}{_fmt(d, c in pct)})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    proto = ((summary.get("config") or {}).get("ood") or {}).get("mc_protocol", "paper")
     lines += ["", "Scores in % (ID: Avg@k; Pass@k has its own column where it differs, i.e. k > 1; OOD: "
-              "log-likelihood MC accuracy); (Δ vs base). "
+              f"log-likelihood MC accuracy, acc_norm, {proto} protocol); (Δ vs base). "
               "probe_kl: mean per-token KL(base‖tuned) on the shipped general prompts (lower = less forgetting); "
               "rotation_deg: mean principal angle of the top-K left singular subspaces vs base; drift: centroid "
               "distance of pooled hidden states.", "", "| run | train s | steps/s | samples/s | anchor MiB | "

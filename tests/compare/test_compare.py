@@ -51,6 +51,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
     assert "gsm8k-nowhere.jsonl" in skipped
     table = render_table(summary)
     assert table.splitlines()[0].startswith("| run | k | id:synth-math")
+    assert "paper protocol" in table  # the OOD multiple-choice protocol is named under the table
+    assert "lm-eval protocol" in render_table({**summary, "config": {"ood": {"mc_protocol": "lm-eval"}}})
     # a second run redoes nothing: every stage is skipped
     logs.clear()
     run_compare(cfg, log=logs.append)

@@ -19,7 +19,8 @@ def print_summary(summary: dict, console=None) -> None:
 
     console = console or Console()
     loglik = summary.get("mode") == "loglik"
-    table = Table(title=f"rpsft eval: {summary['model']} ({summary['mode']}, %)",
+    proto = f", {summary.get('mc_protocol', 'paper')} protocol" if loglik else ""
+    table = Table(title=f"rpsft eval: {summary['model']} ({summary['mode']}{proto}, %)",
                   caption=None if loglik else "pass@k* = unbiased pass@k from n > k samples; ans = answer "
                   "extracted; flex = last-number grading (GSM8K); cut = hit max-new-tokens")
     table.add_column("benchmark", no_wrap=True)
@@ -51,7 +52,9 @@ def print_summary(summary: dict, console=None) -> None:
 
 def eval_command(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                              help="embedded model name, checkpoint directory (rpsft train output) or hub id"),
+                              help="embedded model name (smollm2-135m-instruct: de-quantised from a Q4_1 GGUF, not "
+                                   "the original bf16 weights; docs/eval.md), checkpoint directory (rpsft train "
+                                   "output) or hub id"),
     suite: str = typer.Option("id", "--suite", "-s",
                               help="id | ood | all | probe | benchmark names (comma-separated), NAME_test, a .jsonl "
                                    "path, hf:DATASET[:SPLIT]"),
@@ -67,6 +70,10 @@ def eval_command(
     top_p: float = typer.Option(0.95, "--top-p"),
     greedy: bool = typer.Option(False, "--greedy", help="greedy decoding (k becomes 1)"),
     loglik: bool = typer.Option(False, "--loglik", help="score multiple-choice options by log-likelihood"),
+    mc_protocol: str = typer.Option("paper", "--mc-protocol",
+                                    help="multiple-choice protocol: paper (the benchmark's chat prompt) or lm-eval "
+                                         "(lm-evaluation-harness's zero-shot 'Question: ... Answer:' log-likelihood "
+                                         "request; implies --loglik)"),
     eval_dir: Optional[str] = typer.Option(None, "--eval-dir",
                                            help="official files (id/, ood/); default $RPSFT_EVAL_DIR or "
                                                 "../shared/data/rpsft-eval"),
@@ -108,7 +115,8 @@ def eval_command(
                                system_prompt=system_prompt, probe_base=probe_base, progress=progress,
                                vllm_options=dict(tensor_parallel_size=tensor_parallel_size,
                                                  max_model_len=max_model_len, dtype=dtype,
-                                                 gpu_memory_utilization=gpu_memory_utilization))
+                                                 gpu_memory_utilization=gpu_memory_utilization),
+                               mc_protocol=mc_protocol)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             bar.stop()
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
