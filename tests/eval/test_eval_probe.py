@@ -6,7 +6,7 @@ from rpsft.eval.probe import forgetting_probe, forgetting_probes, probe_prompts
 
 def test_shipped_prompts_are_many_and_varied():
     rows = probe_prompts()
-    assert len(rows) >= 50
+    assert len(rows) >= 200  # enough prompts for a bootstrap interval over prompts
     assert len({r["id"] for r in rows}) == len(rows) and len({r["prompt"] for r in rows}) == len(rows)
     assert len({r["category"] for r in rows}) >= 8
 
