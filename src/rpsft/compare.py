@@ -271,6 +271,11 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
     runs = plan_runs(cfg)
     base_cfg = load_config(cfg.train_config, cfg.train_set)
     base_model = base_cfg.model.name
+    for r in runs:  # a rank map that is not there fails now, not after the runs before it have trained
+        rank = _train_config(cfg, r, root).anchor.rank
+        if isinstance(rank, str) and rank.startswith("@") and not Path(rank[1:]).expanduser().is_file():
+            raise ConfigError(f"run {r.name}: rank map {rank[1:]} does not exist; write it first with "
+                              f"`rpsft analyze energy ... --out {Path(rank[1:]).parent}`")
     log(f"compare: {len(runs)} training runs ({', '.join(r.name for r in runs)}) on {base_model}")
 
     results: dict[str, dict] = {}
