@@ -181,7 +181,7 @@ def _forgetting(row: dict, measure: str) -> dict | None:
 def _ci(d: dict | None, pct: bool = False) -> str:
     if d is None:
         return "–"
-    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.4f}")
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3g}")
     return f"{f(d['delta'])} [{f(d['lo'])}, {f(d['hi'])}]"
 
 
@@ -223,31 +223,43 @@ def plot_frontier(rows: list[dict], forgetting: str, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     cmap = plt.get_cmap("tab10")
     families = list(dict.fromkeys(r["family"] for r in pts))
+    X = lambda r: 100 * r["id_gain"]["delta"]  # noqa: E731
+    Y = lambda r: scale * r["forgetting"]["delta"]  # noqa: E731
+
+    def bars(group, color, fmt, filled, label, ms):
+        ax.errorbar([X(r) for r in group], [Y(r) for r in group],
+                    xerr=[[100 * (r["id_gain"]["delta"] - r["id_gain"]["lo"]) for r in group],
+                          [100 * (r["id_gain"]["hi"] - r["id_gain"]["delta"]) for r in group]],
+                    yerr=[[scale * (r["forgetting"]["delta"] - r["forgetting"]["lo"]) for r in group],
+                          [scale * (r["forgetting"]["hi"] - r["forgetting"]["delta"]) for r in group]],
+                    fmt=fmt, color=color, mfc=color if filled else "white", ms=ms, capsize=2, lw=1.2,
+                    elinewidth=0.7, alpha=0.9, label=label)
+
     for c, fam in enumerate(families):
         color = "black" if fam == "base" else cmap(c % 10)
         mine = [r for r in pts if r["family"] == fam]
         seed0 = mine[0]["seed"]
         main = [r for r in mine if r["seed"] == seed0]
-        # checkpoints of one run: in step order; a grid of runs (λ, k) at one step: in order of ID gain
-        single_run = len({r["run"] for r in main}) == 1
-        main.sort(key=(lambda r: r["step"] or 0) if single_run else (lambda r: r["id_gain"]["delta"]))
-        for group, filled in ((main, True), ([r for r in mine if r["seed"] != seed0], False)):
-            if not group:
-                continue
-            x = [100 * r["id_gain"]["delta"] for r in group]
-            y = [scale * r["forgetting"]["delta"] for r in group]
-            xerr = [[100 * (r["id_gain"]["delta"] - r["id_gain"]["lo"]) for r in group],
-                    [100 * (r["id_gain"]["hi"] - r["id_gain"]["delta"]) for r in group]]
-            yerr = [[scale * (r["forgetting"]["delta"] - r["forgetting"]["lo"]) for r in group],
-                    [scale * (r["forgetting"]["hi"] - r["forgetting"]["delta"]) for r in group]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="-o" if filled and len(group) > 1 else "o", color=color,
-                        mfc=color if filled else "white", ms=6 if fam != "base" else 10, capsize=2, lw=1.2,
-                        elinewidth=0.7, alpha=0.9, label=fam if filled else f"{fam} (other seeds)")
-        for r in mine:
-            if not r["final"] or len(main) > 1:
-                ax.annotate(f"{r['step']}" if single_run and r["family"] != "base" else _short(r["point"]),
-                            (100 * r["id_gain"]["delta"], scale * r["forgetting"]["delta"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        runs = list(dict.fromkeys(r["run"] for r in main))
+        if len(runs) == 1:  # one run's checkpoints: its curve in step order, labelled by step
+            curve = sorted(main, key=lambda r: r["step"] or 0)
+            label_of = (lambda r: "") if fam == "base" else (lambda r: str(r["step"]))
+        else:  # a grid of runs (λ, k): the curve through their final points in order of ID gain
+            curve = sorted([r for r in main if r["final"]], key=lambda r: r["id_gain"]["delta"])
+            label_of = lambda r: _short(r["point"].removeprefix(r["method"] + "-"))  # noqa: E731
+            for run in runs:  # each run's own checkpoints: small markers on a dotted path to its final point
+                trail = sorted([r for r in main if r["run"] == run], key=lambda r: r["step"] or 0)
+                if len(trail) > 1:
+                    ax.plot([X(r) for r in trail], [Y(r) for r in trail], ":", color=color, lw=0.8)
+                    bars([r for r in trail if not r["final"]], color, "o", False, None, 4)
+        bars(curve, color, "-o" if len(curve) > 1 else "o", True, fam, 10 if fam == "base" else 6)
+        others = [r for r in mine if r["seed"] != seed0]
+        if others:
+            bars(others, color, "s", False, f"{fam} (other seeds)", 6)
+        for r in curve + others:
+            if label_of(r):
+                ax.annotate(label_of(r), (X(r), Y(r)), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=color)
     front = sorted([r for r in pts if r["pareto"]], key=lambda r: r["id_gain"]["delta"])
     if len(front) > 1:
         ax.step([100 * r["id_gain"]["delta"] for r in front], [scale * r["forgetting"]["delta"] for r in front],
