@@ -51,6 +51,7 @@ class CompareConfig:
     forgetting: str = "probe_kl"  # the frontier's y axis: probe_kl | probe_nll_delta | ood_drop
     bootstrap: int = 2000  # resamples per paired bootstrap interval
     probe_prompts: str | None = None  # a JSONL of {"prompt"} rows instead of the shipped probe set
+    probe_max_new_tokens: int = 64  # length of the base's answers the probe scores (its cost is linear in it)
     id: EvalSpec = field(default_factory=lambda: EvalSpec(suites=["synth-math"], limit=50, max_new_tokens=160))
     ood: EvalSpec = field(default_factory=lambda: EvalSpec(loglik=True))
     probe: bool = True
@@ -335,7 +336,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
                                 key=[model, cfg.ood, tkey])
         if cfg.probe and name != "base":
             res["probe"] = _stage(stage_dir / "probe.json", lambda m=model: probe_stage(cfg, base_model, m),
-                                  log, f"probe {name}", key=[base_model, model, cfg.probe_prompts, tkey])
+                                  log, f"probe {name}", key=[base_model, model, cfg.probe_prompts, cfg.probe_max_new_tokens, tkey])
     tuned = [n for n in models if n != "base"]
     analysis = {}
     if cfg.rotation and tuned:

@@ -68,7 +68,7 @@ def probe_stage(cfg, base: str, model: str) -> dict:
     """The forgetting probe with its per-prompt values kept (they are what the bootstrap resamples)."""
     from .eval.probe import forgetting_probe
 
-    return forgetting_probe(base, model, prompts_path=cfg.probe_prompts)
+    return forgetting_probe(base, model, max_new_tokens=cfg.probe_max_new_tokens, prompts_path=cfg.probe_prompts)
 
 
 # ----------------------------------------------------------------------------------------------- per item
