@@ -128,6 +128,11 @@ def test_sweep_grid_names_keys_and_refuses_unknown_keys(tmp_path, tiny_model_dir
     assert [r.family for r in runs] == ["sft", "rpsft k=2", "rpsft k=ranks", "rpsft k=2", "rpsft k=ranks", "sft"]
     assert runs[3].overrides[-2:] == ["anchor.lam=10", "anchor.rank=2"] and runs[5].seed == 7
     assert all(r.eval_steps == [1] for r in runs)
+    # any config key: aliases, dotted keys, or a bare anchor./train. field (as `budget` will be once it exists)
+    from rpsft.compare import sweep_key
+
+    assert [sweep_key(k) for k in ("lam", "ranks", "niter", "warmup_ratio", "data.max_length")] == [
+        "anchor.lam", "anchor.rank", "anchor.niter", "train.warmup_ratio", "data.max_length"]
     with pytest.raises(ConfigError, match="did you mean 'lam'"):
         make_cfg(tmp_path, tiny_model_dir, synth_data, "sweep={method: rpsft, lamb: [1, 2]}")
     with pytest.raises(ConfigError, match="names nothing to sweep"):
