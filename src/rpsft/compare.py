@@ -291,8 +291,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         stage_file = root / "stages" / r.name / "train.json"
         # A finished run whose config has changed since is stale: start it over. An unfinished one resumes from
         # its last checkpoint (train's resume guard refuses, with the diff, if its config was changed meanwhile).
-        stale = _stored(stage_file, key)[1]
         steps = [s for s in r.eval_steps if tcfg.train.max_steps <= 0 or s < tcfg.train.max_steps]
+        key = {**key, "eval_steps": steps}
+        stale = _stored(stage_file, key)[1]
 
         def do_train(tcfg=tcfg, run_dir=run_dir, stale=stale, steps=steps):
             from .frontier import SavePoints
@@ -301,7 +302,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             return train(tcfg, resume=resume, overwrite=resume is None, progress=True,
                          extra_callbacks=[SavePoints(steps, run_dir / "points")] if steps else None)
 
-        tr = _stage(stage_file, do_train, log, f"train {r.name}", key={**key, "eval_steps": steps})
+        tr = _stage(stage_file, do_train, log, f"train {r.name}", key=key)
         common = {"k": r.k, "method": tcfg.method, "family": r.family, "seed": r.seed, "run": r.name,
                   "aliases": r.aliases}
         for s in steps:
