@@ -52,6 +52,8 @@ class CompareConfig:
     bootstrap: int = 2000  # resamples per paired bootstrap interval
     probe_prompts: str | None = None  # a JSONL of {"prompt"} rows instead of the shipped probe set
     probe_max_new_tokens: int = 64  # length of the base's answers the probe scores (its cost is linear in it)
+    keep_checkpoints: bool = True  # False: delete a finished run's checkpoint-N dirs (≈ 3× the weights each)
+    probe_cache: bool = True  # keep the base's probe log-probs on disk (float16) instead of recomputing per point
     id: EvalSpec = field(default_factory=lambda: EvalSpec(suites=["synth-math"], limit=50, max_new_tokens=160))
     ood: EvalSpec = field(default_factory=lambda: EvalSpec(loglik=True))
     probe: bool = True
@@ -299,8 +301,14 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             from .frontier import SavePoints
 
             resume = "latest" if not stale and latest_checkpoint(run_dir) is not None else None
-            return train(tcfg, resume=resume, overwrite=resume is None, progress=True,
-                         extra_callbacks=[SavePoints(steps, run_dir / "points")] if steps else None)
+            out = train(tcfg, resume=resume, overwrite=resume is None, progress=True,
+                        extra_callbacks=[SavePoints(steps, run_dir / "points")] if steps else None)
+            if not cfg.keep_checkpoints:  # finished: the final weights are in run_dir; optimizer states only fill the disk
+                import shutil
+
+                for ck in run_dir.glob("checkpoint-*"):
+                    shutil.rmtree(ck)
+            return out
 
         tr = _stage(stage_file, do_train, log, f"train {r.name}", key=key)
         common = {"k": r.k, "method": tcfg.method, "family": r.family, "seed": r.seed, "run": r.name,
@@ -336,8 +344,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
                                 lambda m=model, n=name: _eval(cfg, cfg.ood, m, root, n, "ood"), log, f"eval-ood {name}",
                                 key=[model, cfg.ood, tkey])
         if cfg.probe and name != "base":
-            res["probe"] = _stage(stage_dir / "probe.json", lambda m=model: probe_stage(cfg, base_model, m),
-                                  log, f"probe {name}", key=[base_model, model, cfg.probe_prompts, cfg.probe_max_new_tokens, tkey])
+            res["probe"] = _stage(stage_dir / "probe.json", lambda m=model: probe_stage(
+                cfg, base_model, m, root / "stages" / "base" if cfg.probe_cache else None),
+                                  log, f"probe {name}", key=[base_model, model, cfg.probe_prompts, cfg.probe_max_new_tokens, cfg.probe_cache, tkey])
     tuned = [n for n in models if n != "base"]
     analysis = {}
     if cfg.rotation and tuned:

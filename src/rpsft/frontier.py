@@ -64,11 +64,88 @@ def teacher_forced_data(spec: str, eval_dir: str | None) -> str:
     return str(source_path(benches[0], eval_dir))
 
 
-def probe_stage(cfg, base: str, model: str) -> dict:
-    """The forgetting probe with its per-prompt values kept (they are what the bootstrap resamples)."""
+def probe_stage(cfg, base: str, model: str, cache_dir: Path | None = None) -> dict:
+    """The forgetting probe with its per-prompt values kept (they are what the bootstrap resamples). With
+    ``cache_dir``, the base model's next-token log-probabilities are computed once and reused for every point
+    (:func:`cached_probe`), which halves the probe's cost."""
+    if cache_dir is not None:
+        return cached_probe(base, model, cache_dir, cfg.probe_max_new_tokens, cfg.probe_prompts)
     from .eval.probe import forgetting_probe
 
     return forgetting_probe(base, model, max_new_tokens=cfg.probe_max_new_tokens, prompts_path=cfg.probe_prompts)
+
+
+def base_logprobs(base: str, cache_dir: Path, max_new_tokens: int = 64, prompts_path: str | None = None):
+    """(rows, memmap of the base's log-softmax at every answer position, float16, shape (Σ answer tokens, V)).
+
+    Written once per (base weights, prompts, max_new_tokens) under ``cache_dir``: 243 prompts × ≤ 64 tokens ×
+    49,152 vocabulary ≈ 1.5 GB for SmolLM2. float16 keeps log-probabilities to ~5e-4 relative, identical for
+    every tuned model, so differences between models are unaffected to first order."""
+    import hashlib
+
+    import numpy as np
+
+    from .eval.generate import load_for_eval
+    from .eval.probe import _answer_logprobs, _model_fingerprint, base_answers, probe_prompts
+
+    prompts = probe_prompts(prompts_path)
+    key = hashlib.sha256(json.dumps([_model_fingerprint(base), [p["prompt"] for p in prompts], max_new_tokens])
+                         .encode()).hexdigest()[:20]
+    path, meta = Path(cache_dir) / f"base-logp-{key}.npy", Path(cache_dir) / f"base-logp-{key}.json"
+    if path.is_file() and meta.is_file():
+        return json.loads(meta.read_text()), np.load(path, mmap_mode="r")
+    model, tok = load_for_eval(base)
+    rows = [r for r in base_answers(base, model, tok, prompts, max_new_tokens) if r["answer_ids"]]
+    n = sum(len(r["answer_ids"]) for r in rows)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, vocab))
+    at = 0
+    for r, lb in zip(rows, _answer_logprobs(model, rows, 8)):
+        arr[at : at + len(lb)] = lb.cpu().numpy().astype(np.float16)
+        at += len(lb)
+    arr.flush()
+    del arr
+    tmp.rename(path)
+    io.write_json(meta, rows)
+    return rows, np.load(path, mmap_mode="r")
+
+
+def cached_probe(base: str, tuned: str, cache_dir: Path, max_new_tokens: int = 64,
+                 prompts_path: str | None = None, batch_size: int = 8) -> dict:
+    """:func:`rpsft.eval.probe.forgetting_probe`'s result (kl, nll_tuned, nll_base, nll_delta, per_prompt)
+    with the base's side read from :func:`base_logprobs` instead of recomputed: one forward pass per point."""
+    import time
+
+    import torch
+
+    from .eval.generate import load_for_eval
+    from .eval.probe import _answer_logprobs, _check_same_vocab
+
+    t0 = time.time()
+    rows, logp = base_logprobs(base, cache_dir, max_new_tokens, prompts_path)
+    model, tok = load_for_eval(tuned)
+    from .models import load_tokenizer
+
+    _check_same_vocab(load_tokenizer(base), tok, base, tuned)
+    kl_sum = nll_t = nll_b = 0.0
+    n_tok, at, per_prompt = 0, 0, []
+    for r, lt in zip(rows, _answer_logprobs(model, rows, batch_size)):
+        a = len(r["answer_ids"])
+        lb = torch.from_numpy(logp[at : at + a].astype("float32")).to(lt.device)
+        at += a
+        tgt = torch.tensor(r["answer_ids"], device=lt.device).unsqueeze(-1)
+        kl = (lb.exp() * (lb - lt)).sum(-1).clamp(min=0)
+        nt, nb = -lt.gather(-1, tgt).squeeze(-1), -lb.gather(-1, tgt).squeeze(-1)
+        kl_sum, nll_t, nll_b, n_tok = kl_sum + float(kl.sum()), nll_t + float(nt.sum()), nll_b + float(nb.sum()), \
+            n_tok + a
+        per_prompt.append({"id": r["id"], "tokens": a, "kl": float(kl.mean()), "nll_tuned": float(nt.mean()),
+                           "nll_base": float(nb.mean())})
+    return {"base": str(base), "tuned": str(tuned), "prompts": len(rows), "tokens": n_tok, "kl": kl_sum / n_tok,
+            "nll_tuned": nll_t / n_tok, "nll_base": nll_b / n_tok, "nll_delta": (nll_t - nll_b) / n_tok,
+            "max_new_tokens": max_new_tokens, "base_cache": "float16", "wall_s": round(time.time() - t0, 2),
+            "per_prompt": per_prompt}
 
 
 # ----------------------------------------------------------------------------------------------- per item

@@ -146,13 +146,15 @@ def test_frontier_of_a_lambda_grid_with_checkpoints_end_to_end(tmp_path, tiny_mo
     cfg = make_cfg(tmp_path, tiny_model_dir, synth_data, "methods=[{name: sft}]",
                    "sweep={method: l2init, lam: [0.1, 1000]}", "eval_steps=[2]", "rotation=false", "drift_limit=0",
                    "train_set=[train.max_steps=4, train.warmup_ratio=0]",
-                   f"id={{teacher_forced: {synth_data['test']}, limit: 6}}", "bootstrap=200")
+                   f"id={{teacher_forced: {synth_data['test']}, limit: 6}}", "bootstrap=200", "keep_checkpoints=false")
     summary = run_compare(cfg, log=lambda m: None)
     out = tmp_path / "out"
     assert (out / "frontier.png").stat().st_size > 1000
     rows = {r["point"]: r for r in json.loads((out / "frontier.json").read_text())["points"]}
     assert set(rows) == {"base", "sft@2", "sft", "l2init-lam0.1@2", "l2init-lam0.1", "l2init-lam1000@2", "l2init-lam1000"}
     assert (out / "runs" / "sft" / "points" / "step-2" / "config.json").is_file()
+    assert not list((out / "runs" / "sft").glob("checkpoint-*"))  # finished: optimizer states deleted
+    assert len(list((out / "stages" / "base").glob("base-logp-*.npy"))) == 1  # the base's probe side, computed once
     assert rows["sft@2"]["step"] == 2 and rows["sft"]["step"] == 4 and not rows["sft@2"]["final"]
     assert rows["l2init-lam1000@2"]["vs_sft"]["point"] == "sft@2" and rows["l2init-lam1000"]["vs_sft"]["point"] == "sft"
     for r in rows.values():
