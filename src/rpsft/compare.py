@@ -279,6 +279,13 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         if isinstance(rank, str) and rank.startswith("@") and not Path(rank[1:]).expanduser().is_file():
             raise ConfigError(f"run {r.name}: rank map {rank[1:]} does not exist; write it first with "
                               f"`rpsft analyze energy ... --out {Path(rank[1:]).parent}`")
+    if cfg.id.teacher_forced:  # its data file too: a missing one fails now, not after hours of training
+        from .frontier import teacher_forced_data
+
+        try:
+            teacher_forced_data(cfg.id.teacher_forced, cfg.eval_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"id.teacher_forced: {e}") from None
     log(f"compare: {len(runs)} training runs ({', '.join(r.name for r in runs)}) on {base_model}")
 
     results: dict[str, dict] = {}

@@ -139,6 +139,12 @@ def test_sweep_grid_names_keys_and_refuses_unknown_keys(tmp_path, tiny_model_dir
         make_cfg(tmp_path, tiny_model_dir, synth_data, "sweep={method: rpsft}")
     with pytest.raises(ConfigError, match="eval_steps"):
         make_cfg(tmp_path, tiny_model_dir, synth_data, "eval_steps=[0, 2]")
+    # a missing teacher-forced data file or rank map fails before any training
+    with pytest.raises(ConfigError, match="id.teacher_forced: .*nowhere"):
+        run_compare(make_cfg(tmp_path, tiny_model_dir, synth_data, "id={teacher_forced: nowhere.jsonl}"))
+    with pytest.raises(ConfigError, match="rank map .*absent.json does not exist"):
+        run_compare(make_cfg(tmp_path, tiny_model_dir, synth_data, "sweep={method: rpsft, rank: ['@absent.json']}"))
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_frontier_of_a_lambda_grid_with_checkpoints_end_to_end(tmp_path, tiny_model_dir, synth_data, monkeypatch):
