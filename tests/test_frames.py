@@ -192,3 +192,20 @@ def test_lean_frames_with_period(tiny_model_dir, synth_data, tmp_path):
                   "anchor.frame_dtype=fp16")
     _, trainer = run_trainer(AnchoredSFTTrainer, cfg)
     assert [h["step"] for h in trainer.state.log_history if "rpsft/penalty" in h] == [1, 3]
+
+
+def test_flops_memory_model_uses_the_same_formula():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "flops.py"
+    spec = importlib.util.spec_from_file_location("bench_flops_frames", path)
+    flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flops)
+    hidden, inter, layers, heads, kv, hd, *_ = flops.SHAPES["qwen2.5-7b"]
+    shapes = list(flops.projections(hidden, inter, heads, kv, hd).values()) * layers
+    r = flops.model_numbers("qwen2.5-7b", 768, tokens=16 * 4096, seq=4096, period=1, mfu=0.4)
+    assert r["anchor_bytes"] == anchor_nbytes(shapes, 768)
+    assert r["anchor_bytes_lean_frames"] == anchor_nbytes(shapes, 768, torch.bfloat16)
+    # k/v (512×3584) are full rank at k = 768 and keep an fp32 W0 in both forms
+    assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16) == 512 * 3584 * 4
