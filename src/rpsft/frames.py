@@ -9,15 +9,17 @@ The fix is to subtract the reference that belongs to the stored frames:
     R(W)  = ‖U_lᵀ W V_l − A_ref‖²_F = ‖U_lᵀ (W − W0) V_l‖²_F                          (Eq. 3 on the frame U_l, V_l)
 
 which is zero at W0 up to fp32 round-off of the product, whatever the frame's precision. The frame itself is the
-exact one turned by a small angle (measured in docs/method.md §7: ~1e-3 rad for bf16, ~1e-4 for fp16), and its
+exact one turned by a small angle (measured in docs/method.md §7: 2.2e-3 rad for bf16, 2.8e-4 for fp16), and its
 columns are orthonormal to the same order; the penalty is still the squared projection of the drift W − W0 onto a
 k-dimensional pair of subspaces. Frames are upcast to the compute dtype one matrix at a time inside the penalty and
 its gradient, so the transient memory is one matrix's fp32 frames.
 
 Storage per low-rank matrix: (m + n)·k·2 + (k + k²)·4 bytes (frames, σ_k = diag A_ref for the drift scale, A_ref)
-against (m + n + 1)·k·4 for fp32 frames. fp32 frames keep the σ-diagonal form: their A_ref would be diag σ_k up to
-fp32 round-off of the same size as the compute round-off (§6-7), so storing it would add k²·4 bytes per matrix
-(+6 % at k = 768 on a 7B model) for no measurable gain.
+against (m + n + 1)·k·4 for fp32 frames. fp32 frames keep the σ-diagonal form, so the default path's memory and
+cost are unchanged: an A_ref for them would remove the small off-diagonal that fp32 rounding of U, V leaves at W0
+(measured in docs/method.md §7: R(W0) 8.6e-13 → 4.0e-14 of Σσ² on SmolLM2), but costs k²·4 more bytes per matrix
+(+4.4 % at k = 768 on Qwen2.5-7B, +11 % for SmolLM2's 576×576 at k = 128); ``lean_bases(W0, b, torch.float32)``
+computes it for experiments.
 
 Cache: the rounded frames and A_ref are stored next to the fp32 bases (``…-<solver>-<frame>.safetensors``), keyed by
 the same weight fingerprint, nested in k like them (the top-left k×k block of A_ref belongs to the first k columns).
