@@ -5,6 +5,7 @@ Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
     residual  A = U_kᵀ W V_k − diag σ_k     2·m·n·k + 2·k²·min(m, n) FLOP (second product over the smaller side)
     gradient  G = 2·U_k A V_kᵀ              2·m·n·k + 2·k²·min(m, n) FLOP
     storage   U_k, σ_k, V_k                 (m + n + 1)·k numbers (fp32: ×4 bytes)
+              lean frames (bf16/fp16)       (m + n)·k·2 + (k + k²)·4 bytes (U_l, V_l; σ_k and A_ref in fp32)
 
 and with k ≥ min(m, n) (L2-Init, R = ‖W − W0‖²): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
 on T tokens costs ≈ 6·N·T FLOP (N = parameters that take part in matmuls: all but the input embedding table) plus
@@ -63,12 +64,13 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
     n_total = n_matmul + (0 if tied else vocab * hidden)
     step_flop = 6.0 * n_matmul * tokens
     attn_flop = 6.0 * layers * seq * heads * hd * tokens  # QKᵀ and PV, causal-halved, fwd + bwd
-    a_flop = a_bytes = 0.0
+    a_flop = a_bytes = a_lean = 0.0
     full, low = [], []
     for t, (m, n) in mats.items():
         f, b, is_full = anchor_cost(m, n, k)
         a_flop += layers * f
         a_bytes += layers * b
+        a_lean += layers * (b if is_full else (m + n) * k * 2 + (k + k * k) * 4)  # rpsft.frames.anchor_nbytes
         (full if is_full else low).append(t)
     a_flop /= period
     total_step = step_flop + attn_flop
@@ -78,7 +80,7 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
             "seq_len": seq, "period": period, "anchored_matrices": 7 * layers, "full_rank_types": full,
             "low_rank_types": low, "anchor_flop": a_flop, "step_flop_6NT": step_flop, "attention_flop": attn_flop,
             "flop_ratio_6NT": a_flop / step_flop, "flop_ratio_with_attention": a_flop / total_step,
-            "anchor_bytes": a_bytes, "param_bytes_bf16": 2.0 * n_total,
+            "anchor_bytes": a_bytes, "anchor_bytes_lean_frames": a_lean, "param_bytes_bf16": 2.0 * n_total,
             "w0_copy_bytes_fp32": 4.0 * layers * sum(m * n for m, n in mats.values()),
             "h100_step_seconds_est": t_step, "h100_anchor_seconds_est": times,
             "h100_time_ratio_est": {a: t / t_step for a, t in times.items()}}
@@ -106,6 +108,8 @@ def main() -> None:
         print(f"  anchor     {r['anchor_flop'] / 1e12:8.2f} TFLOP/step   memory {r['anchor_bytes'] / 2**30:6.2f} GiB fp32 "
               f"(weights {r['param_bytes_bf16'] / 2**30:.1f} GiB bf16; fp32 W0 copy of these matrices "
               f"{r['w0_copy_bytes_fp32'] / 2**30:.1f} GiB)")
+        print(f"  lean frames (anchor.frame_dtype=bf16/fp16): {r['anchor_bytes_lean_frames'] / 2**30:.2f} GiB "
+              f"= {r['anchor_bytes_lean_frames'] / r['anchor_bytes']:.3f} × fp32 frames")
         print(f"  step 6NT   {r['step_flop_6NT'] / 1e12:8.1f} TFLOP   + attention {r['attention_flop'] / 1e12:.1f} TFLOP")
         print(f"  FLOP ratio {100 * r['flop_ratio_6NT']:.3f} % of 6NT, {100 * r['flop_ratio_with_attention']:.3f} % with "
               f"attention   (closed form 2k/(3·T·s) per matrix: {100 * 2 * args.rank / (3 * tokens * args.period):.3f} %)")

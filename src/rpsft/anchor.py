@@ -13,6 +13,10 @@ of W0 — i.e. (m + n + 1)·k numbers per matrix.
 Everything is computed in ``dtype`` (fp32 by default) whatever the weight dtype, with TF32 forced off (even when
 the Trainer enables it for the model): A is a small difference of large numbers, TF32 turns it into rounding
 noise, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation (docs/method.md, precision table).
+
+``frame_dtype="bf16"`` / ``"fp16"`` stores U_k, V_k rounded to that dtype plus the k×k block A_ref = U_lᵀ W0 V_l of
+the rounded frames, and subtracts A_ref instead of diag σ_k (``rpsft.frames``): about half the memory, and still
+zero penalty at W0.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from .bases import Bases, BasesCache, get_bases
+from .frames import LeanBases, get_lean_bases, parse_frame_dtype
 from .precision import ieee_fp32
 from .distributed import all_reduce_sum_, assign_owners, broadcast_, collective_device, is_dtensor, row_shard, world
 from .placement import bases_device, canonical_parameters, host_values, svd_threads
@@ -41,13 +46,23 @@ class _Term:
     W0: torch.Tensor | None = None  # only where k == min(m, n)
     ref_sq: float = 1.0  # ‖σ_k‖² or ‖W0‖²: the scale that relative drift is measured against
     row0: int | None = None  # set once U (or W0) has been cut to an FSDP2 row shard starting at this row
+    Aref: torch.Tensor | None = None  # k×k U_lᵀ W0 V_l, only with bf16/fp16 frames U, V (frames.py)
 
     @property
     def full(self) -> bool:
         return self.W0 is not None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.U, self.S, self.V, self.W0) if t is not None]
+        return [t for t in (self.U, self.S, self.V, self.W0, self.Aref) if t is not None]
+
+    def frames(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """U, V in the compute dtype: a no-op for full-precision frames, a transient upcast of this matrix's
+        bf16/fp16 frames otherwise (one matrix at a time, so the peak extra memory is one matrix's frames)."""
+        return self.U.to(dtype), self.V.to(dtype)
+
+    def reference(self) -> torch.Tensor:
+        """What A subtracts: A_ref = U_lᵀ W0 V_l with lean frames, diag σ_k with full-precision ones (Eq. 3)."""
+        return self.Aref if self.Aref is not None else torch.diag_embed(self.S)
 
 
 def _refuse_partitioned(name: str, p: torch.Tensor) -> None:
@@ -93,7 +108,7 @@ class AnchorTerms:
     def _place(t, device: torch.device) -> None:
         """Move term ``t``'s tensors to ``device`` (its parameter's) on first use: the anchor is built while the
         model is on the CPU and the Trainer moves or shards the model afterwards."""
-        for field in ("U", "S", "V", "W0"):
+        for field in ("U", "S", "V", "W0", "Aref"):
             x = getattr(t, field, None)
             if x is not None and x.device != device:
                 setattr(t, field, x.to(device))
@@ -122,10 +137,13 @@ class RotationAnchor(AnchorTerms):
     @classmethod
     def from_model(cls, model: torch.nn.Module, rank: Any = 768, targets: Iterable[str] | str | None = None,
                    svd: str = "exact", dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None,
-                   layers: Any = None, niter: int = 8, progress: bool = False) -> "RotationAnchor":
+                   layers: Any = None, niter: int = 8, progress: bool = False,
+                   frame_dtype: str | torch.dtype | None = None) -> "RotationAnchor":
         """Anchor the matrices of ``model`` matched by ``targets`` (default: the seven projections) at rank ``rank``.
 
         ``rank``: int k (clipped to min(m, n)), fraction in (0, 1], mapping pattern -> k, or ``"@ranks.json"``.
+        ``frame_dtype``: ``"fp32"`` (default; frames in ``dtype``) or ``"bf16"`` / ``"fp16"``: lean frames with the
+        exact reference block A_ref = U_lᵀ W0 V_l (rpsft.frames; about half the memory, zero penalty at W0).
         Bases come from ``cache_dir`` when a matching entry exists, otherwise they are computed and stored there.
         """
         matrices = select_matrices(model, targets, layers)
@@ -136,6 +154,7 @@ class RotationAnchor(AnchorTerms):
         me, world_size = world()
         shapes = [tuple(p.shape) for _, p in matrices]
         ks = [ranks[n] if ranks[n] < min(shape) else 0 for (n, _), shape in zip(matrices, shapes)]
+        frame = parse_frame_dtype(frame_dtype)
         owners = assign_owners(shapes, ks, world_size)  # each SVD on one rank only, then broadcast
         terms, computed = {}, {}
         iterator = list(enumerate(matrices))
@@ -159,24 +178,44 @@ class RotationAnchor(AnchorTerms):
             W = p.detach().full_tensor() if is_dtensor(p) else p.detach()  # a collective: same order everywhere
             if owners[i] == me:  # on the accelerator when there is one, else on all of this process's CPU cores
                 with svd_threads():
-                    computed[i] = get_bases(W.to(bases_device(p)), k, solver=svd, cache=cache, niter=niter)
+                    Wb = W.to(bases_device(p))
+                    computed[i] = get_bases(Wb, k, solver=svd, cache=cache, niter=niter) if frame is None else \
+                        get_lean_bases(Wb, k, frame, solver=svd, cache=cache, niter=niter)
         for i, (name, p) in enumerate(matrices):
             if ks[i] == 0:
                 continue
             k, (m, n) = ks[i], shapes[i]
             device = p.device
             if world_size > 1:  # one flat broadcast per matrix from its owner
-                flat = torch.empty((m + n + 1) * k, dtype=torch.float32, device=collective_device(device))
+                extra = k * k if frame is not None else 0  # + A_ref; lean frames travel upcast (exactly) to fp32
+                flat = torch.empty((m + n + 1) * k + extra, dtype=torch.float32, device=collective_device(device))
                 if owners[i] == me:
                     b = computed[i]
-                    flat.copy_(torch.cat([b.U.reshape(-1), b.S, b.V.reshape(-1)]).to(flat.device))
+                    flat.copy_(torch.cat([b.U.float().reshape(-1), b.S.to(b.U.device), b.V.float().reshape(-1)]
+                                         + ([b.A.reshape(-1).to(b.U.device)] if extra else [])).to(flat.device))
                 broadcast_(flat, owners[i])
-                computed[i] = Bases(flat[:m * k].view(m, k), flat[m * k:m * k + k], flat[m * k + k:].view(n, k))
+                end = (m + n + 1) * k
+                parts = (flat[:m * k].view(m, k), flat[m * k:m * k + k], flat[m * k + k:end].view(n, k))
+                computed[i] = LeanBases(*parts, A=flat[end:].view(k, k)) if extra else Bases(*parts)
             b = computed.pop(i)
+            if frame is not None:  # lean frames stay in bf16/fp16; A_ref and σ_k = diag A_ref in the compute dtype
+                U, V = (t.to(device=device, dtype=frame) for t in (b.U, b.V))
+                S, Aref = (t.to(device=device, dtype=dtype) for t in (b.S, b.A))
+                terms[i] = _Term(name, (m, n), k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum()), Aref=Aref)
+                continue
             U, S, V = (t.to(device=device, dtype=dtype) for t in (b.U, b.S, b.V))
             terms[i] = _Term(name, (m, n), k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum()))
         terms = [terms[i] for i in sorted(terms)]
         return cls(terms, dtype=dtype)
+
+    @property
+    def frame_dtype(self) -> torch.dtype:
+        """Storage dtype of the frames U, V (``dtype`` unless built with bf16/fp16 lean frames)."""
+        lean = [t.U.dtype for t in self.terms.values() if t.Aref is not None]
+        return lean[0] if lean else self.dtype
+
+    def _repr_extra(self) -> str:
+        return f"frames {self.frame_dtype}, " if self.frame_dtype != self.dtype else ""
 
     def _params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         params = canonical_parameters(model)  # names without checkpoint / compile wrapper components
@@ -194,15 +233,16 @@ class RotationAnchor(AnchorTerms):
 
     # ------------------------------------------------------------------ the math
     def _residual(self, t: _Term, W: torch.Tensor) -> torch.Tensor:
-        """A = U_kᵀ W V_k − diag σ_k (k×k), or W − W0 at full rank; in self.dtype."""
+        """A = U_kᵀ W V_k − diag σ_k (k×k; − A_ref with lean frames), or W − W0 at full rank; in self.dtype."""
         self._place(t, W.device)
         W = W.to(self.dtype)
         if t.full:
             return W - t.W0
         m, n = t.shape
+        U, V = t.frames(self.dtype)
         # associate so the second product is over the smaller side: (UᵀW)V costs k²n, Uᵀ(WV) costs k²m
-        A = (t.U.T @ W) @ t.V if n <= m else t.U.T @ (W @ t.V)
-        return A - torch.diag_embed(t.S)
+        A = (U.T @ W) @ V if n <= m else U.T @ (W @ V)
+        return A - t.reference()
 
     @ieee_fp32()
     def penalty(self, model: torch.nn.Module, record: bool = False) -> torch.Tensor:
@@ -257,7 +297,8 @@ class RotationAnchor(AnchorTerms):
                     partial.append(sq)  # ‖W − W0‖² = Σ over row shards
                     out.append((t, p, D, sq))
                 else:
-                    A = t.U.T @ (W @ t.V)  # this shard's share of U_kᵀ W V_k
+                    U, V = t.frames(self.dtype)
+                    A = U.T @ (W @ V)  # this shard's share of U_kᵀ W V_k
                     partial.append(A)
                     out.append((t, p, A, None))
             else:
@@ -267,7 +308,7 @@ class RotationAnchor(AnchorTerms):
             all_reduce_sum_(partial, group)  # in place: the partial A's are now Σ_r U_rᵀ W_r V_k
             for i, (t, p, A, sq) in enumerate(out):
                 if sq is None:
-                    A = A - torch.diag_embed(t.S)
+                    A = A - t.reference()
                     out[i] = (t, p, A, A.pow(2).sum())
         return out
 
@@ -288,7 +329,8 @@ class RotationAnchor(AnchorTerms):
                 G = A
             else:
                 m, n = t.U.shape[0], t.shape[1]
-                G = (t.U @ A) @ t.V.T if m <= n else t.U @ (A @ t.V.T)
+                U, V = t.frames(self.dtype)
+                G = (U @ A) @ V.T if m <= n else U @ (A @ V.T)
             grad.add_(G.to(grad.dtype), alpha=2.0 * weight)
         if not res:
             self.last_sq = {}

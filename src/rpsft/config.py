@@ -49,6 +49,7 @@ class AnchorConfig:
     svd: str = "exact"  # exact | gram | randomized
     niter: int = 8  # power iterations for svd=randomized
     dtype: str = "float32"  # precision of bases and penalty (float64 for the precision study)
+    frame_dtype: str = "fp32"  # storage of U_k, V_k: fp32 | bf16 | fp16 (lean frames + exact k×k A_ref, rpsft.frames)
     cache_dir: str | None = None  # default: <cache root>/bases
     mode: str = "auto"  # closed_form (∇R added to .grad) | autograd (λR in the last micro-batch loss) | auto
 
@@ -292,6 +293,8 @@ def validate(cfg: Config) -> None:
         (a.svd in ("exact", "gram", "randomized"), f"anchor.svd must be exact, gram or randomized, got {a.svd!r}"),
         (a.mode in ("auto", "closed_form", "autograd"), f"anchor.mode must be auto, closed_form or autograd, got "
                                                           f"{a.mode!r}"),
+        (a.frame_dtype in ("fp32", "bf16", "fp16"), f"anchor.frame_dtype must be fp32, bf16 or fp16, got "
+                                                    f"{a.frame_dtype!r}"),
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
     raise_first_failed(checks)

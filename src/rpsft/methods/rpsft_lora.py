@@ -12,6 +12,11 @@ orthogonal, so R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula wit
 
 The identity U_kᵀW0V_k = diag σ_k is checked once when the anchor is built (``check=True``), so a frame taken from
 other weights than the ones LoRA wraps fails loudly instead of silently anchoring the wrong thing.
+
+With bf16/fp16 lean frames (``anchor.frame_dtype``, rpsft.frames) the dense anchor subtracts A_ref = U_lᵀW0V_l
+instead of diag σ_k, and the same algebra gives U_lᵀ(W0 + s·BA)V_l − A_ref = s·(U_lᵀB)(AV_l) exactly: the factored
+form needs no A_ref at all, only the rounded frames (upcast one matrix at a time), and the build check above
+measures the residual against A_ref.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class _LoraTerm:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.U, self.S, self.V) if t is not None]
+
+    def frames(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.U.to(dtype), self.V.to(dtype)
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,7 +135,8 @@ class LoraRotationAnchor(AnchorTerms):
         A, B = A.to(self.dtype), B.to(self.dtype)
         if t.full:
             return B, A
-        return t.U.T @ B, A @ t.V
+        U, V = t.frames(self.dtype)  # bf16/fp16 lean frames: upcast for this matrix only
+        return U.T @ B, A @ V
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_)."""
@@ -147,7 +156,11 @@ class LoraRotationAnchor(AnchorTerms):
             GP, GQ = P.T @ P, Q @ Q.T  # r×r
             sq.append((s * s) * (GP * GQ).sum())
             dP, dQ = (2 * s * s) * (P @ GQ), (2 * s * s) * (GP @ Q)
-            dB, dA = (dP, dQ) if t.full else (t.U @ dP, dQ @ t.V.T)
+            if t.full:
+                dB, dA = dP, dQ
+            else:
+                U, V = t.frames(self.dtype)
+                dB, dA = U @ dP, dQ @ V.T
             for p, g in ((A, dA), (B, dB)):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -1,0 +1,178 @@
+"""Lean frames: U_k, V_k stored in bf16/fp16 with an exact k×k reference block (half the anchor's memory).
+
+Rounding the frames to 8 (bf16) or 11 (fp16) mantissa bits breaks the identity U_kᵀ W0 V_k = diag σ_k that the
+fp32 anchor subtracts (Eq. 3): the rounded U_l, V_l no longer diagonalise W0, and ‖U_lᵀ W0 V_l − diag σ_k‖² is of the
+order of the rounding times Σσ², not zero (the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation).
+The fix is to subtract the reference that belongs to the stored frames:
+
+    A_ref = U_lᵀ W0 V_l   (k×k, accumulated once in fp64 from the rounded frames, stored in the anchor's dtype)
+    R(W)  = ‖U_lᵀ W V_l − A_ref‖²_F = ‖U_lᵀ (W − W0) V_l‖²_F                          (Eq. 3 on the frame U_l, V_l)
+
+which is zero at W0 up to fp32 round-off of the product, whatever the frame's precision. The frame itself is the
+exact one turned by a small angle (measured in docs/method.md §7: 2.2e-3 rad for bf16, 2.8e-4 for fp16), and its
+columns are orthonormal to the same order; the penalty is still the squared projection of the drift W − W0 onto a
+k-dimensional pair of subspaces. Frames are upcast to the compute dtype one matrix at a time inside the penalty and
+its gradient, so the transient memory is one matrix's fp32 frames.
+
+Storage per low-rank matrix: (m + n)·k·2 + (k + k²)·4 bytes (frames, σ_k = diag A_ref for the drift scale, A_ref)
+against (m + n + 1)·k·4 for fp32 frames. fp32 frames keep the σ-diagonal form, so the default path's memory and
+cost are unchanged: an A_ref for them would remove the small off-diagonal that fp32 rounding of U, V leaves at W0
+(measured in docs/method.md §7: R(W0) 8.6e-13 → 4.0e-14 of Σσ² on SmolLM2), but costs k²·4 more bytes per matrix
+(+4.4 % at k = 768 on Qwen2.5-7B, +11 % for SmolLM2's 576×576 at k = 128); ``lean_bases(W0, b, torch.float32)``
+computes it for experiments.
+
+Cache: the rounded frames and A_ref are stored next to the fp32 bases (``…-<solver>-<frame>.safetensors``), keyed by
+the same weight fingerprint, nested in k like them (the top-left k×k block of A_ref belongs to the first k columns).
+On load A_ref is checked against the frames and the weight with one random probe, A_ref·x = U_lᵀ(W0(V_l·x)) in
+fp64 (O(m·n) work), so a foreign or damaged entry is recomputed, never used.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .bases import Bases, BasesCache, fingerprint, get_bases
+
+log = logging.getLogger(__name__)
+
+FRAME_DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "fp16": torch.float16, "float16": torch.float16}
+FRAME_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+FORMAT_VERSION = "1"
+PROBE_TOL = 1e-4  # relative; A_ref is fp32-rounded fp64, the probe is fp64: a genuine entry agrees to ~1e-7
+
+
+def parse_frame_dtype(frame_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` for full-precision frames (fp32, the default), else torch.bfloat16 / torch.float16."""
+    if frame_dtype is None or frame_dtype == torch.float32:
+        return None
+    if isinstance(frame_dtype, torch.dtype):
+        if frame_dtype in FRAME_NAMES:
+            return frame_dtype
+    elif str(frame_dtype).lower() in FRAME_DTYPES:
+        return FRAME_DTYPES[str(frame_dtype).lower()]
+    raise ValueError(f"anchor frame_dtype {frame_dtype!r} is not supported; use fp32 (default), bf16 or fp16")
+
+
+@dataclass
+class LeanBases(Bases):
+    """Rounded frames U (m×k), V (n×k) in bf16/fp16, σ = diag A_ref (k, fp32) and A_ref = UᵀW0V (k×k, fp32)."""
+
+    A: torch.Tensor | None = None
+
+    def prefix(self, k: int) -> "LeanBases":
+        b = super().prefix(k)
+        return LeanBases(b.U, b.S, b.V, self.A[:k, :k].contiguous())
+
+
+def reference_block(W0: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """A_ref = Uᵀ W0 V accumulated in fp64 with the stored (rounded) frames, returned in fp32."""
+    m, n = W0.shape
+    W64 = W0.detach().double()
+    U64, V64 = U.to(W64.device).double(), V.to(W64.device).double()
+    A = (U64.T @ W64) @ V64 if n <= m else U64.T @ (W64 @ V64)
+    return A.float()
+
+
+def lean_bases(W0: torch.Tensor, b: Bases, frame_dtype: torch.dtype) -> LeanBases:
+    """Round fp32 bases ``b`` of ``W0`` to ``frame_dtype`` and compute the reference block of the rounded frames."""
+    U, V = b.U.to(frame_dtype), b.V.to(frame_dtype)
+    A = reference_block(W0, U, V)
+    return LeanBases(U, torch.diagonal(A).contiguous(), V, A)
+
+
+def _path(cache: BasesCache, fp: str, tag: str, frame: str):
+    return cache.root / f"{fp[:40]}-{tag}-{frame}.safetensors"
+
+
+def _probe_ok(W0: torch.Tensor, b: LeanBases) -> bool:
+    """One random probe of A_ref = U_lᵀ W0 V_l in fp64 (deterministic: its own generator)."""
+    x = torch.randn(b.k, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(W0.device)
+    dev = W0.device
+    want = b.U.to(dev).double().T @ (W0.double() @ (b.V.to(dev).double() @ x))
+    got = b.A.to(dev).double() @ x
+    return float((got - want).norm()) <= PROBE_TOL * max(float(want.norm()), 1e-30)
+
+
+def _load(cache: BasesCache, fp: str, W0: torch.Tensor, k: int, tag: str, frame_dtype: torch.dtype
+          ) -> LeanBases | None:
+    frame = FRAME_NAMES[frame_dtype]
+    path = _path(cache, fp, tag, frame)
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    m, n = W0.shape
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stored_k = int(meta.get("k", -1))
+            if not (meta.get("fingerprint") == fp and meta.get("shape") == f"{m}x{n}" and meta.get("solver") == tag
+                    and meta.get("frame") == frame and meta.get("format") == FORMAT_VERSION):
+                log.warning("lean bases cache %s does not match this weight (fingerprint/shape/solver/frame); "
+                            "recomputing", path)
+                return None
+            if stored_k < k:
+                return None
+            U, V, A = f.get_tensor("U"), f.get_tensor("V"), f.get_tensor("A")
+    except Exception as e:  # a torn or foreign file is a cache miss, never a crash or a silent use
+        log.warning("unreadable lean bases cache %s (%s); recomputing", path, e)
+        return None
+    if (U.shape != (m, stored_k) or V.shape != (n, stored_k) or A.shape != (stored_k, stored_k)
+            or U.dtype != frame_dtype or V.dtype != frame_dtype or A.dtype != torch.float32):
+        log.warning("lean bases cache %s has wrong tensor shapes or dtypes; recomputing", path)
+        return None
+    b = LeanBases(U, torch.diagonal(A).contiguous(), V, A).prefix(k)
+    if not _probe_ok(W0, b):
+        log.warning("lean bases cache %s: A_ref does not match U_lᵀ W0 V_l; recomputing", path)
+        return None
+    return b
+
+
+def _save(cache: BasesCache, fp: str, shape: tuple[int, int], tag: str, frame_dtype: torch.dtype,
+          b: LeanBases) -> None:
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    frame = FRAME_NAMES[frame_dtype]
+    meta = {"fingerprint": fp, "shape": f"{shape[0]}x{shape[1]}", "k": str(b.k), "solver": tag, "frame": frame,
+            "format": FORMAT_VERSION}
+    with atomic_path(_path(cache, fp, tag, frame)) as tmp:
+        save_file({"U": b.U.cpu().contiguous(), "V": b.V.cpu().contiguous(), "A": b.A.cpu().contiguous()},
+                  str(tmp), metadata=meta)
+
+
+def get_lean_bases(weight: torch.Tensor, k: int, frame_dtype: torch.dtype, solver: str = "exact",
+                   cache: BasesCache | None = None, niter: int = 8) -> LeanBases:
+    """Cached lean frames of ``weight`` at rank ``k``: from the lean cache entry when it covers k and passes the
+    probe, else from the fp32 bases (themselves cached) rounded to ``frame_dtype``, with A_ref recomputed."""
+    cache = cache or BasesCache(None)
+    tag = solver if solver != "randomized" else f"randomized{niter}"
+    fp = fingerprint(weight) if cache.root is not None else None
+    if fp is not None:
+        hit = _load(cache, fp, weight, k, tag, frame_dtype)
+        if hit is not None:
+            return hit
+    b = lean_bases(weight, get_bases(weight, k, solver=solver, cache=cache, niter=niter, fp=fp), frame_dtype)
+    if fp is not None:
+        _save(cache, fp, tuple(weight.shape), tag, frame_dtype, b)
+    return b
+
+
+def anchor_nbytes(shapes: list[tuple[int, int]], k: int, frame_dtype: torch.dtype | None = None) -> int:
+    """Bytes of a RotationAnchor over ``shapes`` at rank ``k`` (full-rank matrices keep fp32 W0, m·n·4 bytes):
+    (m + n + 1)·k·4 per low-rank matrix with fp32 frames; (m + n)·k·2 + (k + k²)·4 with bf16/fp16 frames."""
+    total = 0
+    for m, n in shapes:
+        kk = min(k, m, n)
+        if kk >= min(m, n):
+            total += m * n * 4
+        elif frame_dtype is None:
+            total += (m + n + 1) * kk * 4
+        else:
+            total += (m + n) * kk * torch.finfo(frame_dtype).bits // 8 + (kk + kk * kk) * 4
+    return total
