@@ -227,9 +227,10 @@ def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
                  progress: bool = False) -> RotationAnchor:
     a = cfg.anchor
     cache = a.cache_dir if a.cache_dir is not None else str(cache_root() / "bases")
-    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n) = ‖W − W0‖² exactly
+    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n); with full_rank_as="l2": ‖W − W0‖² exactly
     return RotationAnchor.from_model(model, rank=rank, targets=a.targets, layers=a.layers, svd=a.svd,
-                                     dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress)
+                                     dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress,
+                                     full_rank_as="l2" if full_rank else "eq3")
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

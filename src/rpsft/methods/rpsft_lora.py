@@ -7,8 +7,9 @@ LoRA freezes W0, and W0 is the matrix the anchor's frame comes from, so U_kᵀW0
     ∂R/∂B = U_k · 2s²·P(QQᵀ),      ∂R/∂A = 2s²·(PᵀP)Q · V_kᵀ
 
 — 2(m+n)·k·r + O(k·r²) multiply-adds per matrix and step, against ≈ m·n·(r + 4k) for the dense form on W0 + s·BA
-(benchmarks/lora_anchor.py measures the ratio). At full rank (k = min(m, n), "L2-Init on LoRA") U_k, V_k are square
-orthogonal, so R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B, Q = A, and no copy of W0 at all.
+(benchmarks/lora_anchor.py measures the ratio). Where the dense anchor keeps W0 instead of a frame (k = min(m, n) of a
+square matrix, where U_k, V_k are square orthogonal) R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B,
+Q = A, and no copy of W0 at all. A non-square matrix at k = min(m, n) keeps its frame and Eq. 3, like the dense anchor.
 
 The identity U_kᵀW0V_k = diag σ_k is checked once when the anchor is built (``check=True``), so a frame taken from
 other weights than the ones LoRA wraps fails loudly instead of silently anchoring the wrong thing.
