@@ -67,6 +67,11 @@ def _keeps_w0(k: int, shape: tuple[int, int], full_rank_as: str) -> bool:
     return k >= min(shape) and (full_rank_as == "l2" or shape[0] == shape[1])
 
 
+def weight_of(weight: float | dict[str, float], name: str) -> float:
+    """λ of one matrix: a scalar λ, or a per-matrix mapping (the rotation budget per matrix type, rpsft.budget)."""
+    return weight[name] if isinstance(weight, dict) else weight
+
+
 class AnchorTerms:
     """What every anchor form shares: its per-matrix terms (``name``, ``k``, ``full``, ``ref_sq``, ``tensors()``),
     their size, and the relative-drift summary. Subclasses: :class:`RotationAnchor` (dense W) and
@@ -208,10 +213,12 @@ class RotationAnchor(AnchorTerms):
         return A - torch.diag_embed(t.S)
 
     @ieee_fp32()
-    def penalty(self, model: torch.nn.Module, record: bool = False) -> torch.Tensor:
+    def penalty(self, model: torch.nn.Module, record: bool = False,
+                weight: dict[str, float] | None = None) -> torch.Tensor:
         """R = Σ ‖A‖²_F as a differentiable scalar (autograd path; training uses accumulate_grad_).
 
-        ``record=True`` also keeps each matrix's ‖A‖² in ``last_sq`` (for drift logging) at no extra cost."""
+        ``record=True`` also keeps each matrix's ‖A‖² in ``last_sq`` (for drift logging) at no extra cost.
+        ``weight`` (matrix name -> λ) returns Σ λ_i‖A_i‖² instead (a budget per matrix type)."""
         params = self._params(model)
         total = None
         if record:
@@ -223,6 +230,8 @@ class RotationAnchor(AnchorTerms):
             r = self._residual(t, params[name]).pow(2).sum()
             if record:
                 self.last_sq[name] = float(r.detach())
+            if weight is not None:
+                r = r * weight[name]
             total = r if total is None else total + r
         if total is None:
             return torch.zeros((), dtype=self.dtype)
@@ -275,7 +284,7 @@ class RotationAnchor(AnchorTerms):
 
     @torch.no_grad()
     @ieee_fp32()
-    def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
         """Add ``weight · ∇R`` to each anchored parameter's ``.grad`` in closed form; return R (unweighted).
 
         ∇R = 2·U_k A V_kᵀ (2·(W − W0) at full rank). One pass: ≈ 4·m·n·k FLOP per matrix, no autograd graph.
@@ -291,7 +300,7 @@ class RotationAnchor(AnchorTerms):
             else:
                 m, n = t.U.shape[0], t.shape[1]
                 G = (t.U @ A) @ t.V.T if m <= n else t.U @ (A @ t.V.T)
-            grad.add_(G.to(grad.dtype), alpha=2.0 * weight)
+            grad.add_(G.to(grad.dtype), alpha=2.0 * weight_of(weight, t.name))
         if not res:
             self.last_sq = {}
             return 0.0

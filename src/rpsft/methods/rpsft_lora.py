@@ -23,7 +23,7 @@ import torch
 
 from . import Method, register
 from ._peft import export_merged
-from ..anchor import AnchorTerms
+from ..anchor import AnchorTerms, weight_of
 from .lora import wrap_lora
 from ..selection import module_name
 
@@ -131,16 +131,23 @@ class LoraRotationAnchor(AnchorTerms):
             return B, A
         return t.U.T @ B, A @ t.V
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_)."""
+    def penalty(self, model: torch.nn.Module, record: bool = False,
+                weight: dict[str, float] | None = None) -> torch.Tensor:
+        """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_).
+        ``record`` and ``weight`` as in ``RotationAnchor.penalty``."""
         total = torch.zeros((), dtype=self.dtype)
+        if record:
+            self.last_sq = {}
         for name, (_, A, B, s) in self._layers(model).items():
             P, Q = self._factors(self.terms[name], A, B)
-            total = total.to(P.device) + (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
+            r = (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
+            if record:
+                self.last_sq[name] = float(r.detach())
+            total = total.to(P.device) + (r if weight is None else r * weight[name])
         return total
 
     @torch.no_grad()
-    def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
         """Add ``weight · ∇R`` to lora_A / lora_B ``.grad`` in closed form; return R (unweighted)."""
         sq = []
         for name, (_, A, B, s) in self._layers(model).items():
@@ -153,7 +160,7 @@ class LoraRotationAnchor(AnchorTerms):
             for p, g in ((A, dA), (B, dB)):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.add_(g.to(p.grad.dtype), alpha=weight)
+                p.grad.add_(g.to(p.grad.dtype), alpha=weight_of(weight, name))
         if not sq:
             self.last_sq = {}
             return 0.0
