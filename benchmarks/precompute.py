@@ -129,7 +129,7 @@ def main() -> None:
         gaps = [d["gap"] for _, d in sub]
         blk["gap"] = {"min": min(gaps), "median": statistics.median(gaps), "max": max(gaps)}
         print(f"\nk={k} (clipped): {len(sub)} matrices with bases, {blk['skipped_full_rank']} at full rank (not measured "
-              f"no SVD); σ_k/σ_(k+1): min {min(gaps):.4f}, median {statistics.median(gaps):.4f}, "
+              f"here); σ_k/σ_(k+1): min {min(gaps):.4f}, median {statistics.median(gaps):.4f}, "
               f"max {max(gaps):.4f}")
         print(f"  {'solver':13s} {'wall s':>8s} {'CPU s':>8s} {'min overlap':>12s} {'median':>8s} {'#<0.99':>7s} "
               f"{'max σ err/σ1':>13s}")
