@@ -66,7 +66,8 @@ def check_budget_method(a: Any, run: str, use_anchor: bool, fix: str | None = No
 
     if a.budget is not None and not use_anchor:
         raise ConfigError(f"anchor.budget={a.budget:g} needs the rotation anchor, and {run} runs without it; "
-                          + (fix or "use method=rpsft (or rpsft_lora), or drop anchor.budget"))
+                          + (fix or "use method=rpsft (or rpsft_lora), set anchor.enabled=true where the method allows it "
+                                 "(sft, dft, iw), or drop anchor.budget"))
 
 
 class BudgetController:
