@@ -7,7 +7,8 @@ Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
     storage   U_k, σ_k, V_k                 (m + n + 1)·k numbers (fp32: ×4 bytes)
               lean frames (bf16/fp16)       (m + n)·k·2 + (k + k²)·4 bytes (U_l, V_l; σ_k and A_ref in fp32)
 
-and with k ≥ min(m, n) (L2-Init, R = ‖W − W0‖²): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
+with k clipped to min(m, n) (Eq. 3 at full rank of a non-square matrix keeps its bases), and for a square matrix at
+k ≥ n (R = ‖W − W0‖², the same value): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
 on T tokens costs ≈ 6·N·T FLOP (N = parameters that take part in matmuls: all but the input embedding table) plus
 causal attention, 6·L·seq·d_attn FLOP per token (QKᵀ and PV, forward + backward, halved by the causal mask).
 
@@ -51,8 +52,9 @@ def projections(hidden: int, inter: int, heads: int, kv: int, hd: int) -> dict[s
 
 def anchor_cost(m: int, n: int, k: int) -> tuple[float, float, bool]:
     """(FLOP per step, bytes in fp32, full_rank) for one m×n matrix at requested rank k."""
-    if k >= min(m, n):
+    if k >= min(m, n) and m == n:
         return 3.0 * m * n, 4.0 * m * n, True
+    k = min(k, m, n)
     return 4.0 * m * n * k + 4.0 * k * k * min(m, n), 4.0 * (m + n + 1) * k, False
 
 
@@ -104,7 +106,7 @@ def main() -> None:
           f"step at {args.mfu:.0%} of {PEAK['bf16_tc']:.0f} TFLOP/s bf16; anchor arithmetic at 70% of its peak")
     for r in rows:
         print(f"\n{r['model']}: {r['params_total'] / 1e9:.2f} B params, {r['anchored_matrices']} anchored matrices "
-              f"(full rank = L2-Init: {', '.join(r['full_rank_types']) or 'none'})")
+              f"(W0 kept, square at full rank: {', '.join(r['full_rank_types']) or 'none'})")
         print(f"  anchor     {r['anchor_flop'] / 1e12:8.2f} TFLOP/step   memory {r['anchor_bytes'] / 2**30:6.2f} GiB fp32 "
               f"(weights {r['param_bytes_bf16'] / 2**30:.1f} GiB bf16; fp32 W0 copy of these matrices "
               f"{r['w0_copy_bytes_fp32'] / 2**30:.1f} GiB)")
@@ -119,7 +121,7 @@ def main() -> None:
         need = {a: max(1, math.ceil(v * args.period / 0.02)) for a, v in r["h100_time_ratio_est"].items()}
         r["period_for_2pct"] = need
         print("  period s for <= 2 % (H100 estimate): " + "; ".join(f"{a}: s={v}" for a, v in need.items()))
-    print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where k >= min(m, n)")
+    print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where a square matrix is at full rank")
     print("under r-way sharding (FSDP2, row-sharded anchor) anchor FLOP and memory per GPU divide by r, like the step")
     if args.out:
         from rpsft.io import write_json

@@ -1,7 +1,8 @@
 """Anchor memory vs the formula (issue 6 goal: ≤ (m + n)·k·bytes + O(k) per matrix, no W0 copy for low-rank ones).
 
 Builds ``RotationAnchor.from_model`` at each k and compares ``anchor.nbytes`` with Σ (m + n + 1)·k·4 over low-rank
-matrices + Σ m·n·4 over full-rank (L2-Init) ones, and checks that no low-rank term holds a W0 tensor. Bases come from
+matrices + Σ m·n·4 over those that keep W0 (square matrices at full rank), and checks that no term with bases
+holds a W0 tensor. Bases come from
 the cache (``<cache root>/bases``) when present, so a second run is fast.
 
     python benchmarks/memory.py [--model smollm2-135m-instruct] [--rank 128,384] [--frame-dtype bf16] [--out FILE]

@@ -5,10 +5,13 @@ For each selected pretrained weight W0 (m×n) with top-k singular triplets (U_k,
     R(W) = ‖U_kᵀ W V_k − diag(σ_k)‖²_F = ‖U_kᵀ (W − W0) V_k‖²_F            (Eq. 3)
     ∇_W R = 2 · U_k A V_kᵀ,   A = U_kᵀ W V_k − diag(σ_k)   (k×k)            (closed form)
 
-k = 0 contributes nothing (plain SFT). k = min(m, n) makes U_k, V_k square orthogonal, so R = ‖W − W0‖²_F
-("L2-Init", App. C): for those matrices we skip the SVD and keep W0 itself, which is both exact and cheaper
-than two m×m / n×n rotations. Only U_k, V_k and the σ_k vector are stored otherwise — no k×k block and no copy
-of W0 — i.e. (m + n + 1)·k numbers per matrix.
+k = 0 contributes nothing (plain SFT). Eq. 3 holds at every k up to min(m, n), so R grows continuously with k.
+At k = min(m, n) a *square* W has square orthogonal U_k, V_k and R = ‖W − W0‖²_F: there we skip the SVD and keep
+W0 itself (same value, cheaper than two n×n rotations). A non-square W at k = min(m, n) keeps its bases: only one
+of U_k, V_k is square, and Eq. 3 is ‖P_U ΔW P_V‖², which leaves the part of ΔW outside W0's row or column space
+free — as the paper's own code does for 512×3584 k/v projections at k = 768. ``full_rank_as="l2"`` (method=l2init,
+App. C's L2-Init) keeps W0 and uses ‖W − W0‖² at full rank for every matrix instead. Only U_k, V_k and the σ_k
+vector are stored otherwise — no k×k block and no copy of W0 — i.e. (m + n + 1)·k numbers per matrix.
 
 Everything is computed in ``dtype`` (fp32 by default) whatever the weight dtype, with TF32 forced off (even when
 the Trainer enables it for the model): A is a small difference of large numbers, TF32 turns it into rounding
@@ -43,7 +46,7 @@ class _Term:
     U: torch.Tensor | None = None  # m×k
     S: torch.Tensor | None = None  # k
     V: torch.Tensor | None = None  # n×k
-    W0: torch.Tensor | None = None  # only where k == min(m, n)
+    W0: torch.Tensor | None = None  # only at k == min(m, n) of a square W, or with full_rank_as="l2"
     ref_sq: float = 1.0  # ‖σ_k‖² or ‖W0‖²: the scale that relative drift is measured against
     row0: int | None = None  # set once U (or W0) has been cut to an FSDP2 row shard starting at this row
     Aref: torch.Tensor | None = None  # k×k U_lᵀ W0 V_l, only with bf16/fp16 frames U, V (frames.py)
@@ -72,6 +75,17 @@ def _refuse_partitioned(name: str, p: torch.Tensor) -> None:
             f"parameter {name} is partitioned (DeepSpeed ZeRO-3 or an empty placeholder): the rotation anchor needs "
             "full weight matrices. Use ZeRO-2 or FSDP2 (see docs/method.md), or build the anchor before sharding."
         )
+
+
+def _keeps_w0(k: int, shape: tuple[int, int], full_rank_as: str) -> bool:
+    """Whether a matrix's term is ‖W − W0‖² (W0 stored) rather than Eq. 3 on stored bases: at full rank, for a
+    square matrix (the two agree there) or when L2-Init is asked for (``full_rank_as="l2"``)."""
+    return k >= min(shape) and (full_rank_as == "l2" or shape[0] == shape[1])
+
+
+def weight_of(weight: float | dict[str, float], name: str) -> float:
+    """λ of one matrix: a scalar λ, or a per-matrix mapping (the rotation budget per matrix type, rpsft.budget)."""
+    return weight[name] if isinstance(weight, dict) else weight
 
 
 class AnchorTerms:
@@ -138,14 +152,18 @@ class RotationAnchor(AnchorTerms):
     def from_model(cls, model: torch.nn.Module, rank: Any = 768, targets: Iterable[str] | str | None = None,
                    svd: str = "exact", dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None,
                    layers: Any = None, niter: int = 8, progress: bool = False,
-                   frame_dtype: str | torch.dtype | None = None) -> "RotationAnchor":
+                   frame_dtype: str | torch.dtype | None = None, full_rank_as: str = "eq3") -> "RotationAnchor":
         """Anchor the matrices of ``model`` matched by ``targets`` (default: the seven projections) at rank ``rank``.
 
         ``rank``: int k (clipped to min(m, n)), fraction in (0, 1], mapping pattern -> k, or ``"@ranks.json"``.
         ``frame_dtype``: ``"fp32"`` (default; frames in ``dtype``) or ``"bf16"`` / ``"fp16"``: lean frames with the
         exact reference block A_ref = U_lᵀ W0 V_l (rpsft.frames; about half the memory, zero penalty at W0).
         Bases come from ``cache_dir`` when a matching entry exists, otherwise they are computed and stored there.
+        ``full_rank_as``: the term of a matrix whose k reaches min(m, n) — ``"eq3"`` (Eq. 3 itself; W0 kept only for
+        square matrices, where the value is identical) or ``"l2"`` (‖W − W0‖² for every matrix: L2-Init).
         """
+        if full_rank_as not in ("eq3", "l2"):
+            raise ValueError(f"full_rank_as must be 'eq3' or 'l2', got {full_rank_as!r}")
         matrices = select_matrices(model, targets, layers)
         for name, p in matrices:
             _refuse_partitioned(name, p)
@@ -153,7 +171,8 @@ class RotationAnchor(AnchorTerms):
         cache = BasesCache(cache_dir)
         me, world_size = world()
         shapes = [tuple(p.shape) for _, p in matrices]
-        ks = [ranks[n] if ranks[n] < min(shape) else 0 for (n, _), shape in zip(matrices, shapes)]
+        keeps_w0 = [_keeps_w0(ranks[n], shape, full_rank_as) for (n, _), shape in zip(matrices, shapes)]
+        ks = [0 if w0 else ranks[n] for (n, _), w0 in zip(matrices, keeps_w0)]  # the k of each term with bases
         frame = parse_frame_dtype(frame_dtype)
         owners = assign_owners(shapes, ks, world_size)  # each SVD on one rank only, then broadcast
         terms, computed = {}, {}
@@ -166,8 +185,8 @@ class RotationAnchor(AnchorTerms):
             k, shape = ranks[name], shapes[i]
             if k == 0:
                 continue
-            if k >= min(shape):
-                # L2-Init term: keep W0 itself (only this rank's rows when the weight is an FSDP2 shard)
+            if keeps_w0[i]:
+                # ‖W − W0‖² term: keep W0 itself (only this rank's rows when the weight is an FSDP2 shard)
                 local = p.detach().to_local() if is_dtensor(p) else p.detach()
                 W0 = local.to(dtype=dtype, copy=True)
                 ref = float(p.detach().full_tensor().double().pow(2).sum()) if is_dtensor(p) \
@@ -245,10 +264,12 @@ class RotationAnchor(AnchorTerms):
         return A - t.reference()
 
     @ieee_fp32()
-    def penalty(self, model: torch.nn.Module, record: bool = False) -> torch.Tensor:
+    def penalty(self, model: torch.nn.Module, record: bool = False,
+                weight: dict[str, float] | None = None) -> torch.Tensor:
         """R = Σ ‖A‖²_F as a differentiable scalar (autograd path; training uses accumulate_grad_).
 
-        ``record=True`` also keeps each matrix's ‖A‖² in ``last_sq`` (for drift logging) at no extra cost."""
+        ``record=True`` also keeps each matrix's ‖A‖² in ``last_sq`` (for drift logging) at no extra cost.
+        ``weight`` (matrix name -> λ) returns Σ λ_i‖A_i‖² instead (a budget per matrix type)."""
         params = self._params(model)
         total = None
         sq = []
@@ -258,6 +279,8 @@ class RotationAnchor(AnchorTerms):
                                           "accumulate_grad_ (closed form, returns R) or drift()")
             r = self._residual(t, params[name]).pow(2).sum()
             sq.append(r.detach())
+            if weight is not None:
+                r = r * weight[name]
             total = r if total is None else total + r
         if record:  # one stacked device-to-host transfer, not one sync per matrix
             self.last_sq = dict(zip(self.terms, host_values(torch.stack(sq)))) if sq else {}
@@ -314,7 +337,7 @@ class RotationAnchor(AnchorTerms):
 
     @torch.no_grad()
     @ieee_fp32()
-    def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
         """Add ``weight · ∇R`` to each anchored parameter's ``.grad`` in closed form; return R (unweighted).
 
         ∇R = 2·U_k A V_kᵀ (2·(W − W0) at full rank). One pass: ≈ 4·m·n·k FLOP per matrix, no autograd graph.
@@ -331,7 +354,7 @@ class RotationAnchor(AnchorTerms):
                 m, n = t.U.shape[0], t.shape[1]
                 U, V = t.frames(self.dtype)
                 G = (U @ A) @ V.T if m <= n else U @ (A @ V.T)
-            grad.add_(G.to(grad.dtype), alpha=2.0 * weight)
+            grad.add_(G.to(grad.dtype), alpha=2.0 * weight_of(weight, t.name))
         if not res:
             self.last_sq = {}
             return 0.0

@@ -187,6 +187,11 @@ def load_rl_config(path: str | Path | None = None, overrides: list[str] | None =
 
 
 def validate_rl(cfg: RLConfig) -> None:
+    from .budget import check_budget_config, check_budget_method
+
+    check_budget_config(cfg.anchor)
+    check_budget_method(cfg.anchor, "rpsft rl with anchor.enabled=false", bool(cfg.anchor.enabled),
+                        fix="set anchor.enabled=true, or drop anchor.budget")
     d, t = cfg.dapo, cfg.train
     per_step = d.prompts_per_step * d.num_generations
     checks = [
@@ -294,7 +299,7 @@ def _trainer_class():
         """
 
         def __init__(self, *args, correctness=None, dynamic_sampling: bool = True, max_gen_rounds: int = 3,
-                     anchor=None, anchor_weight: float = 1.0, anchor_period: int = 1, **kwargs):
+                     anchor=None, anchor_weight: float = 1.0, anchor_period: int = 1, anchor_budget=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.correctness = correctness
             self.dynamic_sampling = bool(dynamic_sampling)
@@ -302,6 +307,12 @@ def _trainer_class():
             self.anchor = anchor if anchor is not None and len(anchor) else None
             self.anchor_weight = float(anchor_weight)
             self.anchor_period = int(anchor_period)
+            self.anchor_budget = anchor_budget if self.anchor is not None else None  # rpsft.budget: adaptive λ
+            if self.anchor_budget is not None:
+                from .budget import budget_callback
+
+                self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
+                self.add_callback(budget_callback(self.anchor_budget))
             self._refill_order: list[int] = []
             self._refill_gen = torch.Generator().manual_seed(int(self.args.seed) + 1)
             if self.dynamic_sampling:
@@ -324,6 +335,10 @@ def _trainer_class():
                 self._metrics["train"]["rpsft/penalty"].append(r)
                 for t, v in self.anchor.relative_drift_by_type().items():
                     self._metrics["train"][f"rpsft/drift/{t}"].append(v)
+                if self.anchor_budget is not None:
+                    self.anchor_weight = self.anchor_budget.update(self.anchor)
+                    for key, v in self.anchor_budget.log_values().items():
+                        self._metrics["train"][key].append(v)
             return loss
 
         # ---------------------------------------------------- dynamic sampling
@@ -431,6 +446,8 @@ def build_trainer(cfg: RLConfig, model, tokenizer, dataset, output_dir: str | Pa
     """The DAPO trainer for ``model`` on ``dataset`` (rows ``{"prompt", "gold"}``)."""
     from .rl_rewards import build_reward_funcs
 
+    from .budget import BudgetController
+
     d = cfg.dapo
     funcs, weights, correctness = build_reward_funcs(d.max_completion_length, d.overlong_buffer,
                                                      d.overlong_penalty, d.judge_timeout_s)
@@ -441,7 +458,8 @@ def build_trainer(cfg: RLConfig, model, tokenizer, dataset, output_dir: str | Pa
     return _trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, correctness=correctness,
                             dynamic_sampling=d.dynamic_sampling, max_gen_rounds=d.max_gen_rounds,
-                            anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period)
+                            anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period,
+                            anchor_budget=BudgetController.from_config(cfg.anchor) if anchor is not None else None)
 
 
 def vllm_max_model_length(cfg: RLConfig, tokenizer, dataset) -> int:
@@ -569,6 +587,8 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         anchor = build_anchor(model, cfg, progress=progress)  # frames of the init (SFT) weights; cached bases
         anchor = anchor if len(anchor) else None
     trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
+    if ckpt is not None and trainer.anchor_budget is not None and trainer.anchor_budget.load(ckpt):
+        trainer.anchor_weight = trainer.anchor_budget.weight(trainer.anchor.terms)
     install_callbacks(trainer, out, _progress_callback(console) if progress else None, extra_callbacks)
 
     t0 = time.perf_counter()

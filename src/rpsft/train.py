@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from . import io
 from .anchor import RotationAnchor
+from .budget import BudgetController, budget_callback, check_budget_method, weighted_sum
 from .config import Config, dump_yaml, to_dict
 from .launch import check_launch, resolve_checkpointing
 from .models import cache_root, load_model, parse_dtype
@@ -36,7 +37,8 @@ class AnchoredSFTTrainer(SFTTrainer):
     """``SFTTrainer`` + a :class:`RotationAnchor` applied once per optimizer step (every ``anchor_period`` steps)."""
 
     def __init__(self, *args, anchor: RotationAnchor | None = None, anchor_weight: float = 1.0,
-                 anchor_period: int = 1, method_config: Config | None = None, anchor_mode: str = "auto", **kwargs):
+                 anchor_period: int = 1, method_config: Config | None = None, anchor_mode: str = "auto",
+                 anchor_budget: BudgetController | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method_config = method_config  # the full run config, for methods with options of their own
         self.anchor = anchor if anchor is not None and len(anchor) else None
@@ -46,6 +48,12 @@ class AnchoredSFTTrainer(SFTTrainer):
         self._penalties: list[float] = []
         self._drift: dict[str, float] = {}
         self._last_logged_step = 0
+        # rotation budget (rpsft.budget): λ adapted each anchored step from the drift that pass measured
+        self.anchor_budget = anchor_budget if self.anchor is not None else None
+        self._weighted: list[float] = []  # λ_t·R_t of each anchored step (λ varies under a budget)
+        if self.anchor_budget is not None:
+            self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
+            self.add_callback(budget_callback(self.anchor_budget))
 
     def _resolve_mode(self, mode: str) -> str:
         """closed_form everywhere ∇R can be added to .grad; autograd under DeepSpeed ZeRO-1/2; ZeRO-3 refused."""
@@ -79,10 +87,13 @@ class AnchoredSFTTrainer(SFTTrainer):
         scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
         c = 1 if scaled else self.current_gradient_accumulation_steps
-        r = self.anchor.penalty(self.anchor_model(), record=True)
+        w = self.anchor_weight
+        r = self.anchor.penalty(self.anchor_model(), record=True, weight=w if isinstance(w, dict) else None)
+        if isinstance(w, dict):  # r is already Σ λ_i R_i
+            w = 1.0
         self._penalties.append(sum(self.anchor.last_sq.values()))  # recorded with one host sync, not another
-        self._drift = self.anchor.relative_drift_by_type()
-        extra = (self.anchor_weight * c) * r.to(out[0].dtype if return_outputs else out.dtype)
+        self._after_anchor()
+        extra = (w * c) * r.to(out[0].dtype if return_outputs else out.dtype)
         return (out[0] + extra, out[1]) if return_outputs else out + extra
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -91,8 +102,15 @@ class AnchoredSFTTrainer(SFTTrainer):
         if due:
             r = self.anchor.accumulate_grad_(self.anchor_model(), self.anchor_weight)
             self._penalties.append(r)
-            self._drift = self.anchor.relative_drift_by_type()
+            self._after_anchor()
         return loss
+
+    def _after_anchor(self) -> None:
+        """Bookkeeping after each anchor pass: drift per type, λ·R for the log, and the budget's λ for the next."""
+        self._drift = self.anchor.relative_drift_by_type()
+        self._weighted.append(weighted_sum(self.anchor_weight, self.anchor.last_sq))
+        if self.anchor_budget is not None:
+            self.anchor_weight = self.anchor_budget.update(self.anchor)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._penalties:
@@ -100,13 +118,16 @@ class AnchoredSFTTrainer(SFTTrainer):
                 # Trainer's logged loss is the mean over the logging window of each step's total, which here
                 # includes λR: take it out, so "loss" is the task loss in both modes (as with SFT and closed_form).
                 window = max(self.state.global_step - self._last_logged_step, 1)
-                logs["loss"] = round(logs["loss"] - self.anchor_weight * sum(self._penalties) / window, 6)
+                logs["loss"] = round(logs["loss"] - sum(self._weighted) / window, 6)
             r = sum(self._penalties) / len(self._penalties)
             logs["rpsft/penalty"] = r
-            logs["rpsft/weighted_penalty"] = self.anchor_weight * r
+            logs["rpsft/weighted_penalty"] = sum(self._weighted) / len(self._weighted)
             for t, v in self._drift.items():
                 logs[f"rpsft/drift/{t}"] = v
             self._penalties.clear()
+            self._weighted.clear()
+        if "loss" in logs and self.anchor_budget is not None:
+            logs.update(self.anchor_budget.log_values())
         if "loss" in logs:
             self._last_logged_step = self.state.global_step
         super().log(logs, start_time)
@@ -230,10 +251,10 @@ def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
                  progress: bool = False) -> RotationAnchor:
     a = cfg.anchor
     cache = a.cache_dir if a.cache_dir is not None else str(cache_root() / "bases")
-    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n) = ‖W − W0‖² exactly
+    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n); with full_rank_as="l2": ‖W − W0‖² exactly
     return RotationAnchor.from_model(model, rank=rank, targets=a.targets, layers=a.layers, svd=a.svd,
                                      dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress,
-                                     frame_dtype=a.frame_dtype)
+                                     frame_dtype=a.frame_dtype, full_rank_as="l2" if full_rank else "eq3")
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -301,6 +322,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     method = get_method(cfg.method)
     use_anchor = method.anchor_enabled(cfg.anchor.enabled)
     check_launch(use_anchor)  # accelerate settings the anchor cannot work with fail here, not after the bases
+    check_budget_method(cfg.anchor, f"method={cfg.method}", use_anchor)
     out = Path(cfg.output_dir)
     ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
     out.mkdir(parents=True, exist_ok=True)
@@ -326,8 +348,11 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     trainer_cls = method.trainer_class() if method.trainer_class is not None else AnchoredSFTTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, anchor=anchor,
                           anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg,
-                          anchor_mode=cfg.anchor.mode)
+                          anchor_mode=cfg.anchor.mode, anchor_budget=BudgetController.from_config(cfg.anchor))
     install_callbacks(trainer, out, RichProgressCallback(console) if progress else None, extra_callbacks)
+    if ckpt is not None and trainer.anchor_budget is not None:
+        trainer.anchor_budget.load(ckpt)  # continue the λ trajectory where the checkpoint left it
+        trainer.anchor_weight = trainer.anchor_budget.weight(trainer.anchor.terms)
 
     t1 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -345,6 +370,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
         "anchor": None if anchor is None else {
             "matrices": len(anchor), "nbytes": anchor.nbytes, "ranks": sorted(set(anchor.ranks.values())),
             "lam": cfg.anchor.lam, "period": cfg.anchor.period,
+            **({} if trainer.anchor_budget is None else {"budget": trainer.anchor_budget.state_dict()}),
             # from drift(): works on FSDP2 shards too (every rank takes part in its all-reduce)
             "final_penalty": sum(v["abs"] ** 2 for v in anchor.drift(trainer.anchor_model()).values()),
         },

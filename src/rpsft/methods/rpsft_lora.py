@@ -7,8 +7,9 @@ LoRA freezes W0, and W0 is the matrix the anchor's frame comes from, so U_kᵀW0
     ∂R/∂B = U_k · 2s²·P(QQᵀ),      ∂R/∂A = 2s²·(PᵀP)Q · V_kᵀ
 
 — 2(m+n)·k·r + O(k·r²) multiply-adds per matrix and step, against ≈ m·n·(r + 4k) for the dense form on W0 + s·BA
-(benchmarks/lora_anchor.py measures the ratio). At full rank (k = min(m, n), "L2-Init on LoRA") U_k, V_k are square
-orthogonal, so R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B, Q = A, and no copy of W0 at all.
+(benchmarks/lora_anchor.py measures the ratio). Where the dense anchor keeps W0 instead of a frame (k = min(m, n) of a
+square matrix, where U_k, V_k are square orthogonal) R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B,
+Q = A, and no copy of W0 at all. A non-square matrix at k = min(m, n) keeps its frame and Eq. 3, like the dense anchor.
 
 The identity U_kᵀW0V_k = diag σ_k is checked once when the anchor is built (``check=True``), so a frame taken from
 other weights than the ones LoRA wraps fails loudly instead of silently anchoring the wrong thing.
@@ -27,7 +28,7 @@ import torch
 
 from . import Method, register
 from ._peft import export_merged
-from ..anchor import AnchorTerms
+from ..anchor import AnchorTerms, weight_of
 from .lora import wrap_lora
 from ..placement import canonical_modules, host_values
 from ..selection import module_name
@@ -138,16 +139,23 @@ class LoraRotationAnchor(AnchorTerms):
         U, V = t.frames(self.dtype)  # bf16/fp16 lean frames: upcast for this matrix only
         return U.T @ B, A @ V
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_)."""
+    def penalty(self, model: torch.nn.Module, record: bool = False,
+                weight: dict[str, float] | None = None) -> torch.Tensor:
+        """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_).
+        ``record`` and ``weight`` as in ``RotationAnchor.penalty``."""
         total = torch.zeros((), dtype=self.dtype)
+        if record:
+            self.last_sq = {}
         for name, (_, A, B, s) in self._layers(model).items():
             P, Q = self._factors(self.terms[name], A, B)
-            total = total.to(P.device) + (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
+            r = (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
+            if record:
+                self.last_sq[name] = float(r.detach())
+            total = total.to(P.device) + (r if weight is None else r * weight[name])
         return total
 
     @torch.no_grad()
-    def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
         """Add ``weight · ∇R`` to lora_A / lora_B ``.grad`` in closed form; return R (unweighted)."""
         sq = []
         for name, (_, A, B, s) in self._layers(model).items():
@@ -164,7 +172,7 @@ class LoraRotationAnchor(AnchorTerms):
             for p, g in ((A, dA), (B, dB)):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.add_(g.to(p.grad.dtype), alpha=weight)
+                p.grad.add_(g.to(p.grad.dtype), alpha=weight_of(weight, name))
         if not sq:
             self.last_sq = {}
             return 0.0
