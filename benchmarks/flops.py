@@ -72,7 +72,8 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
         f, b, is_full = anchor_cost(m, n, k)
         a_flop += layers * f
         a_bytes += layers * b
-        a_lean += layers * (b if is_full else (m + n) * k * 2 + (k + k * k) * 4)  # rpsft.frames.anchor_nbytes
+        kk = min(k, m, n)
+        a_lean += layers * (b if is_full else (m + n) * kk * 2 + (kk + kk * kk) * 4)  # rpsft.frames.anchor_nbytes
         (full if is_full else low).append(t)
     a_flop /= period
     total_step = step_flop + attn_flop

@@ -53,10 +53,13 @@ def test_zero_at_init_with_bf16_weights(frame):
 
 
 @pytest.mark.parametrize("frame", LOW)
-def test_closed_form_matches_autograd_and_brute_force(model, frame):
+@pytest.mark.parametrize("full_rank_as, n_full", [("eq3", 0), ("l2", 2)])
+def test_closed_form_matches_autograd_and_brute_force(model, frame, full_rank_as, n_full):
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    anchor = RotationAnchor.from_model(model, rank={"k_proj": 1.0, "*": 6}, frame_dtype=frame)  # full rank on k/v
-    assert sum(t.full for t in anchor.terms.values()) == 2
+    # full rank on the non-square k_proj: Eq. 3 on lean full-rank bases, or ‖W − W0‖² with "l2"
+    anchor = RotationAnchor.from_model(model, rank={"k_proj": 1.0, "*": 6}, frame_dtype=frame,
+                                       full_rank_as=full_rank_as)
+    assert sum(t.full for t in anchor.terms.values()) == n_full
     perturb_(model)
     R = anchor.penalty(model)
     R.backward()
@@ -207,5 +210,6 @@ def test_flops_memory_model_uses_the_same_formula():
     r = flops.model_numbers("qwen2.5-7b", 768, tokens=16 * 4096, seq=4096, period=1, mfu=0.4)
     assert r["anchor_bytes"] == anchor_nbytes(shapes, 768)
     assert r["anchor_bytes_lean_frames"] == anchor_nbytes(shapes, 768, torch.bfloat16)
-    # k/v (512×3584) are full rank at k = 768 and keep an fp32 W0 in both forms
-    assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16) == 512 * 3584 * 4
+    # k/v (512×3584) are clipped to k = 512: Eq. 3 keeps their full-rank bases (lean or not); L2-Init keeps W0
+    assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16) == (512 + 3584) * 512 * 2 + (512 + 512 ** 2) * 4
+    assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16, full_rank_as="l2") == 512 * 3584 * 4

@@ -163,13 +163,15 @@ def get_lean_bases(weight: torch.Tensor, k: int, frame_dtype: torch.dtype, solve
     return b
 
 
-def anchor_nbytes(shapes: list[tuple[int, int]], k: int, frame_dtype: torch.dtype | None = None) -> int:
-    """Bytes of a RotationAnchor over ``shapes`` at rank ``k`` (full-rank matrices keep fp32 W0, m·n·4 bytes):
-    (m + n + 1)·k·4 per low-rank matrix with fp32 frames; (m + n)·k·2 + (k + k²)·4 with bf16/fp16 frames."""
+def anchor_nbytes(shapes: list[tuple[int, int]], k: int, frame_dtype: torch.dtype | None = None,
+                  full_rank_as: str = "eq3") -> int:
+    """Bytes of a RotationAnchor over ``shapes`` at rank ``k`` (k clipped to min(m, n); a matrix whose term is
+    ‖W − W0‖² keeps fp32 W0, m·n·4 bytes — a square one at full rank, or any at full rank with ``full_rank_as="l2"``):
+    (m + n + 1)·k·4 per matrix with fp32 frames; (m + n)·k·2 + (k + k²)·4 with bf16/fp16 frames."""
     total = 0
     for m, n in shapes:
         kk = min(k, m, n)
-        if kk >= min(m, n):
+        if kk >= min(m, n) and (full_rank_as == "l2" or m == n):
             total += m * n * 4
         elif frame_dtype is None:
             total += (m + n + 1) * kk * 4
