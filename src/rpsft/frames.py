@@ -16,24 +16,26 @@ its gradient, so the transient memory is one matrix's fp32 frames.
 
 A_ref is stored split: its diagonal σ_k = diag A_ref in fp32 (the Rayleigh quotients of the rounded frames, also the
 drift scale), its off-diagonal in fp16 with a zero diagonal. The off-diagonal entries are of the order of the frame
-rounding times σ (the rounded frames almost diagonalise W0), so fp16's 11 mantissa bits leave an absolute error far
-below the fp32 round-off of the product: measured R(W0) = 9.6e-14·Σσ² on SmolLM2 (docs/method.md §7). fp16 rather
-than bf16 because the entries are small, so fp16's range is ample and its 3 extra mantissa bits are not wasted. The
+rounding times σ (the rounded frames almost diagonalise W0), so fp16's 11 mantissa bits leave an error of the order
+of the fp32 round-off of the product: measured on SmolLM2 with bf16 frames, R(W0) = 9.6e-14·Σσ² against 3.7e-14 with
+the whole block in fp32 (docs/method.md §7). fp16 rather than bf16 because the entries are small, so fp16's range is
+ample and its 3 extra mantissa bits count (the off-diagonal in bf16 measured larger, §7). The
 rounding error is computed per matrix when the reference is stored; where it exceeds ``OFFDIAG_TOL``·‖σ_k‖² or an
 entry overflows fp16, that matrix keeps its off-diagonal in fp32 (``store_offdiag``). The compute upcasts
 A_ref = diag σ_k + off-diagonal per matrix (one transient k×k block).
 
 Storage per low-rank matrix: (m + n)·k·2 + k·4 + k²·2 bytes (frames, σ_k, fp16 off-diagonal; + k²·2 more for a
-matrix whose off-diagonal fell back to fp32) against (m + n + 1)·k·4 for fp32 frames. fp32 frames keep the σ-diagonal form, so the default path's memory and
-cost are unchanged: an A_ref for them would remove the small off-diagonal that fp32 rounding of U, V leaves at W0
-(measured in docs/method.md §7: R(W0) 8.6e-13 → 4.0e-14 of Σσ² on SmolLM2), but costs k²·4 more bytes per matrix
-(+4.4 % at k = 768 on Qwen2.5-7B, +11 % for SmolLM2's 576×576 at k = 128); ``lean_bases(W0, b, torch.float32)``
-computes it for experiments.
+matrix whose off-diagonal fell back to fp32) against (m + n + 1)·k·4 for fp32 frames. fp32 frames keep the
+σ-diagonal form, so the default path's memory and cost are unchanged: an A_ref for them would remove the small
+off-diagonal that fp32 rounding of U, V leaves at W0 (measured in docs/method.md §7: R(W0) 8.6e-13 → 4.0e-14 of Σσ²
+on SmolLM2), but costs k²·2 more bytes per matrix (+2.2 % at k = 768 on Qwen2.5-7B, +5.6 % for SmolLM2's 576×576 at
+k = 128); ``lean_bases(W0, b, torch.float32)`` computes it for experiments.
 
 Cache: the rounded frames and A_ref are stored next to the fp32 bases (``…-<solver>-<frame>.safetensors``), keyed by
-the same weight fingerprint, nested in k like them (the top-left k×k block of A_ref belongs to the first k columns), in the stored
-format (σ_k fp32, off-diagonal fp16 or its fp32 fallback). On load A_ref is checked against the frames and the weight with one random probe, A_ref·x = U_lᵀ(W0(V_l·x)) in
-fp64 (O(m·n) work), so a foreign or damaged entry is recomputed, never used.
+the same weight fingerprint, nested in k like them (the top-left k×k block of A_ref belongs to the first k columns),
+in the stored format (σ_k fp32, off-diagonal fp16 or its fp32 fallback). On load A_ref is checked against the frames
+and the weight with one random probe, A_ref·x = U_lᵀ(W0(V_l·x)) in fp64 (O(m·n) work), so a foreign or damaged
+entry is recomputed, never used.
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ def _load(cache: BasesCache, fp: str, W0: torch.Tensor, k: int, tag: str, frame_
             stored_k = int(meta.get("k", -1))
             if not (meta.get("fingerprint") == fp and meta.get("shape") == f"{m}x{n}" and meta.get("solver") == tag
                     and meta.get("frame") == frame and meta.get("format") == FORMAT_VERSION):
-                log.warning("lean bases cache %s does not match this weight (fingerprint/shape/solver/frame); "
-                            "recomputing", path)
+                log.warning("lean bases cache %s does not match this weight or format (fingerprint/shape/solver/"
+                            "frame/format); recomputing", path)
                 return None
             if stored_k < k:
                 return None
