@@ -5,7 +5,7 @@ Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
     residual  A = U_kᵀ W V_k − diag σ_k     2·m·n·k + 2·k²·min(m, n) FLOP (second product over the smaller side)
     gradient  G = 2·U_k A V_kᵀ              2·m·n·k + 2·k²·min(m, n) FLOP
     storage   U_k, σ_k, V_k                 (m + n + 1)·k numbers (fp32: ×4 bytes)
-              lean frames (bf16/fp16)       (m + n)·k·2 + (k + k²)·4 bytes (U_l, V_l; σ_k and A_ref in fp32)
+              lean frames (bf16/fp16)       (m + n)·k·2 + k·4 + k²·2 bytes (U_l, V_l; σ_k fp32, A_ref off-diagonal fp16)
 
 with k clipped to min(m, n) (Eq. 3 at full rank of a non-square matrix keeps its bases), and for a square matrix at
 k ≥ n (R = ‖W − W0‖², the same value): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
@@ -73,7 +73,7 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
         a_flop += layers * f
         a_bytes += layers * b
         kk = min(k, m, n)
-        a_lean += layers * (b if is_full else (m + n) * kk * 2 + (kk + kk * kk) * 4)  # rpsft.frames.anchor_nbytes
+        a_lean += layers * (b if is_full else (m + n) * kk * 2 + kk * 4 + kk * kk * 2)  # rpsft.frames.anchor_nbytes
         (full if is_full else low).append(t)
     a_flop /= period
     total_step = step_flop + attn_flop

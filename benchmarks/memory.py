@@ -7,8 +7,9 @@ the cache (``<cache root>/bases``) when present, so a second run is fast.
 
     python benchmarks/memory.py [--model smollm2-135m-instruct] [--rank 128,384] [--frame-dtype bf16] [--out FILE]
 
-``--frame-dtype bf16|fp16`` builds lean frames (rpsft.frames) instead; their formula is (m + n)·k·2 + (k + k²)·4
-bytes per low-rank matrix, and the fp32-frame formula is printed beside it for the ratio.
+``--frame-dtype bf16|fp16`` builds lean frames (rpsft.frames) instead; their formula is (m + n)·k·2 + k·4 + k²·2
+bytes per low-rank matrix (σ_k fp32, A_ref's off-diagonal fp16), and the fp32-frame formula is printed beside it for
+the ratio.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ the same way), the largest principal angle between the rounded and the exact fra
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
@@ -160,7 +161,7 @@ def _max_angle(Q: torch.Tensor, R: torch.Tensor) -> float:
 def frames_study(args) -> None:
     from rpsft.anchor import RotationAnchor, _Term
     from rpsft.bases import compute_bases
-    from rpsft.frames import lean_bases, parse_frame_dtype
+    from rpsft.frames import lean_bases, parse_frame_dtype, reference_block
     from rpsft.models import load_model
     from rpsft.precision import ieee_fp32
     from rpsft.selection import select_matrices
@@ -206,26 +207,31 @@ def frames_study(args) -> None:
             return float((G.double() - ref[s]).norm() / ref[s].norm())
 
         ref = {s: exact(b.U, b.V, s) for s in steps_list}  # the fp32-frame anchor's penalty, exactly
-        full = lean_bases(W0, b, torch.float32)  # fp32 frames with their A_ref: the "unified" alternative
+        full = lean_bases(W0, b, torch.float32)  # fp32 frames with their A_ref (fp16 off-diagonal): "unified"
         row = {"k": k, "shape": list(W0.shape), "sigma_sq": sig2,
-               "R0": {"fp32": run(fp32, W0)[0], "fp32+Aref": run(term(name, W0, b.U, b.S, b.V, full.A), W0)[0]},
+               "R0": {"fp32": run(fp32, W0)[0], "fp32+Aref": run(term(name, W0, b.U, full.S, b.V, full.A), W0)[0]},
                "grad_fp32_frames_fp32": {s: rel(run(fp32, Wd[s])[1], s, ref) for s in steps_list},
-               "grad_fp32_frames_Aref_fp32": {s: rel(run(term(name, W0, b.U, b.S, b.V, full.A), Wd[s])[1], s, ref)
+               "grad_fp32_frames_Aref_fp32": {s: rel(run(term(name, W0, b.U, full.S, b.V, full.A), Wd[s])[1], s, ref)
                                               for s in steps_list}}
         for fd in fds:
             dt = parse_frame_dtype(fd)
             lb = lean_bases(W0, b, dt)
             lean = term(name, W0, lb.U, lb.S, lb.V, lb.A)
             naive = term(name, W0, lb.U, b.S, lb.V)  # rounded frames against diag σ_k: plain low-precision bases
-            off = lb.A - torch.diag_embed(torch.diagonal(lb.A))  # A_ref's off-diagonal stored in fp16 (simulated)
-            half = term(name, W0, lb.U, lb.S, lb.V, torch.diag_embed(lb.S) + off.half().float())
+            A32 = reference_block(W0, lb.U, lb.V)  # the whole A_ref in fp32: the costlier storage, for comparison
+            off32 = A32 - torch.diag_embed(torch.diagonal(A32))
+            whole = term(name, W0, lb.U, lb.S, lb.V, off32)
+            bf = term(name, W0, lb.U, lb.S, lb.V, off32.bfloat16())  # the off-diagonal in bf16 instead of fp16
             row[fd] = {
-                "R0": run(lean, W0)[0], "R0_naive": run(naive, W0)[0], "R0_offdiag_fp16": run(half, W0)[0],
+                "R0": run(lean, W0)[0], "R0_naive": run(naive, W0)[0], "R0_Aref_fp32": run(whole, W0)[0],
+                "R0_offdiag_bf16": run(bf, W0)[0],
+                "offdiag_dtype": str(lb.A.dtype).replace("torch.", ""),
                 "angle_U": _max_angle(lb.U, b.U), "angle_V": _max_angle(lb.V, b.V),
                 "orth_U": float(torch.linalg.matrix_norm(
                     lb.U.double().T @ lb.U.double() - torch.eye(k, dtype=torch.float64), ord=2)),
                 "grad_fp64": {s: rel(exact(lb.U, lb.V, s), s, ref) for s in steps_list},  # the frame's own effect
                 "grad_fp32": {s: rel(run(lean, Wd[s])[1], s, ref) for s in steps_list},  # as the anchor computes
+                "grad_fp32_Aref_fp32": {s: rel(run(whole, Wd[s])[1], s, ref) for s in steps_list},
             }
         rows[name] = row
         print(f"{name}: k={k} " + " ".join(
@@ -248,14 +254,18 @@ def frames_study(args) -> None:
                "fp32_Aref_R0_total": sum(r["R0"]["fp32+Aref"] for r in R)}
     for fd in fds:
         print(f"{fd} frames: R(W0)/Σσ² {med_max([r[fd]['R0'] / r['sigma_sq'] for r in R])}; naive diag σ "
-              f"{med_max([r[fd]['R0_naive'] / r['sigma_sq'] for r in R])}; off-diagonal in fp16 "
-              f"{med_max([r[fd]['R0_offdiag_fp16'] / r['sigma_sq'] for r in R])}; max angle U "
+              f"{med_max([r[fd]['R0_naive'] / r['sigma_sq'] for r in R])}; whole A_ref in fp32 "
+              f"{med_max([r[fd]['R0_Aref_fp32'] / r['sigma_sq'] for r in R])}; off-diagonal in bf16 "
+              f"{med_max([r[fd]['R0_offdiag_bf16'] / r['sigma_sq'] for r in R])}; off-diagonal stored "
+              f"{sorted(collections.Counter(r[fd]['offdiag_dtype'] for r in R).items())}; max angle U "
               f"{med_max([r[fd]['angle_U'] for r in R])}, V {med_max([r[fd]['angle_V'] for r in R])}; "
               f"‖UᵀU−I‖₂ {med_max([r[fd]['orth_U'] for r in R])}")
         print(f"   grad err vs the fp32-frame penalty ‖U_kᵀ(W−W0)V_k‖² in fp64: frames alone (fp64) "
               + ", ".join(f"s={s}: {med_max([r[fd]['grad_fp64'][s] for r in R])}" for s in steps_list)
               + "; as computed (fp32) " + ", ".join(f"s={s}: {med_max([r[fd]['grad_fp32'][s] for r in R])}"
-                                                     for s in steps_list))
+                                                     for s in steps_list)
+              + "; whole A_ref in fp32 " + ", ".join(
+                  f"s={s}: {med_max([r[fd]['grad_fp32_Aref_fp32'][s] for r in R])}" for s in steps_list))
         summary[fd] = {"R0_total": sum(r[fd]["R0"] for r in R), "R0_naive_total": sum(r[fd]["R0_naive"] for r in R)}
         print(f"   totals: R(W0) {summary[fd]['R0_total']:.2e} vs Σσ² {tot:.3e} -> "
               f"{summary[fd]['R0_total'] / tot:.1e} (goal <= 1e-6); naive {summary[fd]['R0_naive_total']:.2e}")

@@ -1,5 +1,6 @@
-"""Lean frames (bf16/fp16 U, V with the exact reference block A_ref = U_lᵀW0V_l): zero at init, closed form vs
-autograd, the memory formula, the cache round trip, training and the config key."""
+"""Lean frames (bf16/fp16 U, V with the exact reference block A_ref = U_lᵀW0V_l, stored as σ_k in fp32 + its
+off-diagonal in fp16): zero at init, closed form vs autograd, the memory formula, the fp32 fallback of the
+off-diagonal, the cache round trip, the device it follows, training and the config key."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import rpsft.frames as frames
 from rpsft.anchor import RotationAnchor
 from rpsft.bases import BasesCache
 from rpsft.config import ConfigError, load_config
-from rpsft.frames import anchor_nbytes, get_lean_bases, parse_frame_dtype
+from rpsft.frames import OFFDIAG_TOL, anchor_nbytes, get_lean_bases, parse_frame_dtype, store_offdiag
 from rpsft.train import AnchoredSFTTrainer
 
 from rpsft_testing import make_tiny_llama
@@ -40,8 +41,11 @@ def test_zero_at_init_with_bf16_weights(frame):
     anchor = RotationAnchor.from_model(model, rank=8, frame_dtype=frame)
     assert anchor.frame_dtype == frame and anchor.dtype == torch.float32
     for t in anchor.terms.values():
-        assert t.U.dtype == t.V.dtype == frame and t.Aref.shape == (8, 8) and t.Aref.dtype == torch.float32
-        torch.testing.assert_close(t.S, torch.diagonal(t.Aref))  # σ_k: Rayleigh quotients of the rounded frames
+        assert t.U.dtype == t.V.dtype == frame and t.Aref.shape == (8, 8) and t.Aref.dtype == torch.float16
+        assert torch.diagonal(t.Aref).eq(0).all() and t.Aref.abs().max() > 0  # off-diagonal only, and not empty
+        # σ_k: Rayleigh quotients of the rounded frames, kept in fp32 as A_ref's diagonal
+        U, V, W0 = t.U.double(), t.V.double(), dict(model.named_parameters())[t.name].detach().double()
+        torch.testing.assert_close(t.S.double(), torch.diagonal(U.T @ W0 @ V), rtol=1e-6, atol=0)
     sigma_sq = sum(t.ref_sq for t in anchor.terms.values())
     lean = anchor.penalty(model).item()
     assert lean < 1e-10 * sigma_sq
@@ -105,7 +109,7 @@ def test_nbytes_formula(model):
             if t.full:
                 want += m * n * 4
             else:
-                want += (m + n + 1) * t.k * 4 if frame is None else (m + n) * t.k * 2 + (t.k + t.k ** 2) * 4
+                want += (m + n + 1) * t.k * 4 if frame is None else (m + n) * t.k * 2 + t.k * 4 + t.k ** 2 * 2
         assert anchor.nbytes == want, frame
         # and the by-shape formula used for the 7B/8B projections in docs/method.md
         by_k = {}
@@ -144,6 +148,7 @@ def test_cache_round_trip_nested_k_and_probe(tmp_path, monkeypatch, caplog):
     assert len(lean_files) == 1 and len(list(tmp_path.glob("*.safetensors"))) == 2  # + the fp32 bases
     with safe_open(str(lean_files[0]), "pt") as f:
         assert f.get_tensor("U").dtype == torch.bfloat16 and f.get_tensor("A").shape == (16, 16)
+        assert f.get_tensor("A").dtype == torch.float16 and f.get_tensor("S").dtype == torch.float32
         assert f.metadata()["frame"] == "bf16"
 
     def boom(*a, **k):
@@ -170,6 +175,48 @@ def test_cache_round_trip_nested_k_and_probe(tmp_path, monkeypatch, caplog):
     # a different frame dtype is a different entry, never the bf16 one
     f16 = get_lean_bases(W, 16, torch.float16, cache=cache)
     assert f16.U.dtype == torch.float16 and len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_offdiag_falls_back_to_fp32_on_overflow_or_rounding_error(model, monkeypatch):
+    S = torch.tensor([3.0, 2.0, 1.0])
+    off = torch.tensor([[0.0, 1e-3, -2e-4], [5e-4, 0.0, 1e-5], [-1e-3, 3e-4, 0.0]])
+    kept = store_offdiag(off, S)
+    assert kept.dtype == torch.float16  # small entries: fp16, with an error far below OFFDIAG_TOL·‖σ‖²
+    assert float((kept.double() - off.double()).pow(2).sum()) <= OFFDIAG_TOL * 14.0
+    big = off.clone()
+    big[0, 2] = 1e5  # beyond fp16's 65504
+    assert store_offdiag(big, S).dtype == torch.float32 and torch.equal(store_offdiag(big, S), big)
+    assert store_offdiag(off, S * 1e-5).dtype == torch.float32  # rounding error too large against a tiny ‖σ‖²
+    assert store_offdiag(kept.float(), S).dtype == torch.float16  # received fp16 values: the same decision again
+
+    lean = RotationAnchor.from_model(model, rank=6, frame_dtype="bf16")
+    monkeypatch.setattr(frames, "OFFDIAG_TOL", 0.0)  # every matrix falls back
+    fallback = RotationAnchor.from_model(model, rank=6, frame_dtype="bf16")
+    assert {t.Aref.dtype for t in fallback.terms.values()} == {torch.float32}
+    assert fallback.nbytes == lean.nbytes + sum(t.k ** 2 * 2 for t in lean.terms.values())
+    for x, y in zip(lean.terms.values(), fallback.terms.values()):
+        assert torch.equal(x.Aref.float(), y.Aref.half().float()) and torch.equal(x.S, y.S)
+    sigma_sq = sum(t.ref_sq for t in lean.terms.values())
+    assert fallback.penalty(model).item() < 1e-10 * sigma_sq and lean.penalty(model).item() < 1e-10 * sigma_sq
+
+
+def test_lean_anchor_follows_the_model_to_another_device(model):
+    from test_placement import DeviceLog
+
+    anchor = RotationAnchor.from_model(model, rank={"down_proj": 1.0, "*": 4}, frame_dtype="bf16")
+    dtypes = {n: [x.dtype for x in t.tensors()] for n, t in anchor.terms.items()}
+    model.to("meta")
+    assert anchor.penalty(model, record=True).device.type == "meta"
+    with DeviceLog() as log:
+        r = anchor.accumulate_grad_(model, weight=0.5)
+    assert [(op, d) for op, d in log.devices if d - {"meta"}] == []  # upcasts and A_ref made on the device too
+    assert r != r  # meta holds no values
+    assert {x.device.type for t in anchor.terms.values() for x in t.tensors()} == {"meta"}
+    assert {n: [x.dtype for x in t.tensors()] for n, t in anchor.terms.items()} == dtypes  # storage dtypes kept
+    assert any(t.Aref is not None and t.Aref.dtype == torch.float16 for t in anchor.terms.values())
+    for name, p in model.named_parameters():
+        if name in anchor.terms:
+            assert p.grad is not None and p.grad.device.type == "meta", name
 
 
 def test_from_model_through_the_cache_is_identical(model, tmp_path):

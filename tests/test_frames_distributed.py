@@ -37,6 +37,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             local = get_lean_bases(params[name].detach(), t.k, torch.bfloat16)  # no collectives: this rank alone
             assert t.U.dtype == torch.bfloat16, name
             assert torch.equal(t.U, local.U) and torch.equal(t.V, local.V) and torch.equal(t.Aref, local.A), name
+            assert t.Aref.dtype == local.A.dtype == torch.float16 and torch.equal(t.S, local.S), name
 
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():

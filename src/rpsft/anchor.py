@@ -18,8 +18,8 @@ the Trainer enables it for the model): A is a small difference of large numbers,
 noise, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation (docs/method.md, precision table).
 
 ``frame_dtype="bf16"`` / ``"fp16"`` stores U_k, V_k rounded to that dtype plus the k×k block A_ref = U_lᵀ W0 V_l of
-the rounded frames, and subtracts A_ref instead of diag σ_k (``rpsft.frames``): about half the memory, and still
-zero penalty at W0.
+the rounded frames (its diagonal σ_k in fp32, its small off-diagonal in fp16), and subtracts A_ref instead of
+diag σ_k (``rpsft.frames``): about half the memory, and still zero penalty at W0.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from .bases import Bases, BasesCache, get_bases
-from .frames import LeanBases, get_lean_bases, parse_frame_dtype
+from .frames import LeanBases, get_lean_bases, parse_frame_dtype, reference, store_offdiag
 from .precision import ieee_fp32
 from .distributed import all_reduce_sum_, assign_owners, broadcast_, collective_device, is_dtensor, row_shard, world
 from .placement import bases_device, canonical_parameters, host_values, svd_threads
@@ -49,7 +49,7 @@ class _Term:
     W0: torch.Tensor | None = None  # only at k == min(m, n) of a square W, or with full_rank_as="l2"
     ref_sq: float = 1.0  # ‖σ_k‖² or ‖W0‖²: the scale that relative drift is measured against
     row0: int | None = None  # set once U (or W0) has been cut to an FSDP2 row shard starting at this row
-    Aref: torch.Tensor | None = None  # k×k U_lᵀ W0 V_l, only with bf16/fp16 frames U, V (frames.py)
+    Aref: torch.Tensor | None = None  # off-diagonal of U_lᵀ W0 V_l (fp16), only with bf16/fp16 frames (frames.py)
 
     @property
     def full(self) -> bool:
@@ -64,8 +64,9 @@ class _Term:
         return self.U.to(dtype), self.V.to(dtype)
 
     def reference(self) -> torch.Tensor:
-        """What A subtracts: A_ref = U_lᵀ W0 V_l with lean frames, diag σ_k with full-precision ones (Eq. 3)."""
-        return self.Aref if self.Aref is not None else torch.diag_embed(self.S)
+        """What A subtracts: A_ref = U_lᵀ W0 V_l with lean frames (diag σ_k + the off-diagonal upcast, transient),
+        diag σ_k with full-precision ones (Eq. 3)."""
+        return reference(self.S, self.Aref, self.S.dtype) if self.Aref is not None else torch.diag_embed(self.S)
 
 
 def _refuse_partitioned(name: str, p: torch.Tensor) -> None:
@@ -206,20 +207,22 @@ class RotationAnchor(AnchorTerms):
             k, (m, n) = ks[i], shapes[i]
             device = p.device
             if world_size > 1:  # one flat broadcast per matrix from its owner
-                extra = k * k if frame is not None else 0  # + A_ref; lean frames travel upcast (exactly) to fp32
+                extra = k * k if frame is not None else 0  # + A_ref's off-diagonal; lean values travel upcast (exactly)
                 flat = torch.empty((m + n + 1) * k + extra, dtype=torch.float32, device=collective_device(device))
                 if owners[i] == me:
                     b = computed[i]
                     flat.copy_(torch.cat([b.U.float().reshape(-1), b.S.to(b.U.device), b.V.float().reshape(-1)]
-                                         + ([b.A.reshape(-1).to(b.U.device)] if extra else [])).to(flat.device))
+                                         + ([b.A.float().reshape(-1).to(b.U.device)] if extra else [])).to(flat.device))
                 broadcast_(flat, owners[i])
                 end = (m + n + 1) * k
                 parts = (flat[:m * k].view(m, k), flat[m * k:m * k + k], flat[m * k + k:end].view(n, k))
-                computed[i] = LeanBases(*parts, A=flat[end:].view(k, k)) if extra else Bases(*parts)
+                # store_offdiag on the received values reaches the owner's fp16/fp32 decision (deterministic)
+                computed[i] = LeanBases(*parts, A=store_offdiag(flat[end:].view(k, k), parts[1])) if extra \
+                    else Bases(*parts)
             b = computed.pop(i)
-            if frame is not None:  # lean frames stay in bf16/fp16; A_ref and σ_k = diag A_ref in the compute dtype
+            if frame is not None:  # lean frames and A_ref's off-diagonal keep their storage dtype; σ_k the compute one
                 U, V = (t.to(device=device, dtype=frame) for t in (b.U, b.V))
-                S, Aref = (t.to(device=device, dtype=dtype) for t in (b.S, b.A))
+                S, Aref = b.S.to(device=device, dtype=dtype), b.A.to(device=device)
                 terms[i] = _Term(name, (m, n), k, U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum()), Aref=Aref)
                 continue
             U, S, V = (t.to(device=device, dtype=dtype) for t in (b.U, b.S, b.V))
