@@ -258,5 +258,5 @@ def test_flops_memory_model_uses_the_same_formula():
     assert r["anchor_bytes"] == anchor_nbytes(shapes, 768)
     assert r["anchor_bytes_lean_frames"] == anchor_nbytes(shapes, 768, torch.bfloat16)
     # k/v (512×3584) are clipped to k = 512: Eq. 3 keeps their full-rank bases (lean or not); L2-Init keeps W0
-    assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16) == (512 + 3584) * 512 * 2 + (512 + 512 ** 2) * 4
+    assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16) == (512 + 3584) * 512 * 2 + 512 * 4 + 512 ** 2 * 2
     assert anchor_nbytes([(512, 3584)], 768, torch.bfloat16, full_rank_as="l2") == 512 * 3584 * 4
