@@ -91,6 +91,7 @@ class RLTrainConfig:
     bf16: bool | None = None  # None: bf16 on a GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for GPUs, off on CPU
     log_completions: bool = False  # TRL's completions tables (parquet under output_dir/completions)
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, trackio, ... ([] = none)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class RLConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     anchor: AnchorConfig = field(default_factory=lambda: AnchorConfig(enabled=False))
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    trainer: dict = field(default_factory=dict)  # any other GRPOConfig field, passed through (rpsft.trainer_args)
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -166,6 +168,9 @@ def apply_rl_overrides(data: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set dapo.num_generations=4")
         key, text = (s.strip() for s in item.split("=", 1))
+        if key.startswith("trainer."):  # free-form pass-through, checked against GRPOConfig when the run starts
+            set_dotted(data, key, text, item)
+            continue
         if key not in keys:
             raise _unknown(key)
         set_dotted(data, key, text, item)
@@ -317,6 +322,7 @@ def _trainer_class():
                     and self.state.global_step % self.anchor_period == 0):
                 r = self.anchor.accumulate_grad_(self.accelerator.unwrap_model(self.model), self.anchor_weight)
                 self._metrics["train"]["rpsft/penalty"].append(r)
+                self._metrics["train"]["rpsft/lambda"].append(self.anchor_weight)
                 for t, v in self.anchor.relative_drift_by_type().items():
                     self._metrics["train"][f"rpsft/drift/{t}"].append(v)
             return loss
@@ -416,6 +422,9 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
     )
     if use_vllm:
         kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization)
+    from .trainer_args import check_trainer_section
+
+    kwargs.update(check_trainer_section(cfg.trainer, GRPOConfig))  # the trainer: section has the last word
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
 
@@ -506,6 +515,16 @@ def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwri
     return prepare_run_dir(out, resume, overwrite, diff, may_change=", ".join(RESUMABLE_CHANGES))
 
 
+def _check_trainer_args(cfg: RLConfig) -> None:
+    """trainer: keys and trackers checked before the policy is loaded."""
+    from trl import GRPOConfig
+
+    from .trainer_args import check_report_to, check_trainer_section
+
+    check_trainer_section(cfg.trainer, GRPOConfig)
+    check_report_to(cfg.train.report_to)
+
+
 def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = False, console=None,
            progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
@@ -515,6 +534,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     from .train import build_anchor, install_callbacks
 
     validate_rl(cfg)
+    _check_trainer_args(cfg)
     out = Path(cfg.output_dir)
     # data first: a bad file fails in a second, not after loading weights
     prompts = load_prompts(cfg)
