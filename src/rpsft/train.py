@@ -309,8 +309,10 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     io.write_text(out / "config.yaml", dump_yaml(cfg))
 
     # data before model: a bad data file fails in a second, not after loading the weights
-    dataset = to_dataset(load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit))
-    eval_dataset = to_dataset(load_records(cfg.data.eval, split=cfg.data.split)) if cfg.data.eval else None
+    d = cfg.data
+    dataset = to_dataset(load_records(d.train, split=d.split, limit=d.limit, columns=d.columns, turns=d.turns))
+    eval_dataset = to_dataset(load_records(d.eval, split=d.split, columns=d.columns, turns=d.turns)) if d.eval \
+        else None
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
