@@ -88,6 +88,31 @@ def synth_math(
     print(f"wrote {n_train} train -> {paths['train']}\nwrote {n_test} test  -> {paths['test']}")
 
 
+@data_app.command("eval-files")
+@friendly_errors
+def eval_files(
+    src: Path = typer.Option(..., "--from", help="A copy of the official evaluation data: a folder with id/ and "
+                                                 "ood/, or a clone of the authors' repository."),
+    dest: Optional[Path] = typer.Option(None, "--to", help="Install here instead of where `rpsft eval` looks "
+                                                          "($RPSFT_EVAL_DIR, else ~/.cache/rpsft/eval)."),
+    gsm8k: Optional[Path] = typer.Option(None, "--gsm8k", help="Also install GSM8K's test.jsonl (file or folder)."),
+):
+    """Check the official evaluation files (every row must become an item) and install them for `rpsft eval`."""
+    from .eval.data_files import install_eval_files
+
+    rep = install_eval_files(src, dest, gsm8k)
+    for rel, info in rep["installed"].items():
+        print(f"ok       {rel:38s} {info['rows']:6d} rows  sha256 {info['sha256'][:12]}")
+    for rel, err in rep["invalid"].items():
+        print(f"INVALID  {rel:38s} {err}")
+    print(f"installed {len(rep['installed'])} files from {rep['root']} -> {rep['dest']}")
+    if rep["missing"]:
+        print(f"not in {rep['root']} (rpsft eval falls back to the hub for these): {', '.join(rep['missing'])}")
+    if rep["invalid"]:
+        raise ValueError(f"{len(rep['invalid'])} file(s) failed the check and were not installed: "
+                         f"{', '.join(rep['invalid'])}")
+
+
 @app.command()
 def methods():
     """List the training methods."""
