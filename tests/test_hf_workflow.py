@@ -86,3 +86,31 @@ def test_eval_loss_and_model_card(tiny_model_dir, synth_data, tmp_path):
     assert "- rpsft" in head and "- rpsft-rpsft" in head and "- sft" in head  # tags in the card's metadata
     assert "method: `rpsft`" in card and "λ = 10.0" in card and "k = [4]" in card
     assert f"base model: `{tiny_model_dir}`" in card and "q_proj" in card
+
+
+def test_rl_takes_trackers_trainer_keys_and_hub_prompts(monkeypatch):
+    import datasets
+
+    from rpsft.rl import build_grpo_config, load_prompts, load_rl_config
+
+    cfg = load_rl_config(None, ["train.report_to=tensorboard", "trainer.hub_model_id=me/rl", "trainer.top_k=5",
+                                "data.train=hf:openai/gsm8k:main:train", "data.limit=2"], init="x")
+    pytest.importorskip("tensorboard")
+    args = build_grpo_config(cfg, "/tmp/unused", [1.0], use_vllm=False)
+    assert args.report_to == ["tensorboard"] and args.hub_model_id == "me/rl" and args.top_k == 5
+    bad = load_rl_config(None, ["trainer.num_generatoins=2"], init="x")
+    with pytest.raises(ConfigError, match="GRPOConfig; did you mean 'trainer.num_generations'"):
+        build_grpo_config(bad, "/tmp/unused", [1.0], use_vllm=False)
+
+    seen = []
+    rows = [{"question": "What is 1 + 1?", "answer": "one and one\n#### 2"}] * 3
+
+    def fake(name, config=None, split=None, **kw):
+        seen.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    prompts = load_prompts(cfg)
+    assert seen == [("openai/gsm8k", "main", "train")] and len(prompts) == 2
+    assert prompts[0]["prompt"][-1] == {"role": "user", "content": "What is 1 + 1?"}
+    assert prompts[0]["prompt"][0]["role"] == "system"  # GSM8K rows get the official boxed instruction

@@ -241,12 +241,32 @@ def _auto_system_prompt(path: Path) -> str:
     return "file"
 
 
+def _table_prompts(cfg: RLConfig) -> list[dict]:
+    """RL prompts from a hub dataset (``hf:DATASET[:CONFIG]:SPLIT``) or a parquet/arrow/CSV file, through the
+    evaluation loader (GSM8K/MATH/official rows); the system prompt policy as for a file ("auto": boxed)."""
+    from .eval.loaders import load_items
+    from .eval.suites import Benchmark, resolve_benchmark
+    from .rl_rewards import encode_gold
+
+    src = str(cfg.data.train)
+    b = resolve_benchmark(src) if src.startswith("hf:") else Benchmark(Path(src).stem, "file", src, "auto", 1,
+                                                                          "extra")
+    mode = "boxed" if cfg.data.system_prompt == "auto" else cfg.data.system_prompt
+    items = load_items(b, None, cfg.data.limit, mode)
+    bad = [it["id"] for it in items if it["judge"] != "math"]
+    if bad:
+        raise ValueError(f"{src}: rows {bad[:5]} are not math problems; the RL reward is math correctness")
+    return [{"prompt": it["prompt"], "gold": encode_gold(it["gold"])} for it in items]
+
+
 def load_prompts(cfg: RLConfig) -> list[dict]:
     """``[{"prompt": [messages], "gold": json}]`` built by the evaluation harness's own loader
     (``rpsft.eval.loaders.load_items``), so RL prompts are exactly the prompts ``rpsft eval`` scores."""
     from .eval.loaders import load_items
     from .eval.suites import Benchmark
 
+    if str(cfg.data.train).startswith("hf:") or Path(cfg.data.train).suffix in (".parquet", ".arrow", ".csv"):
+        return _table_prompts(cfg)
     path = Path(cfg.data.train).expanduser()
     if not path.is_file():
         raise FileNotFoundError(

@@ -203,8 +203,9 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    if gc:  # only when wanted: transformers 5 warns about the old field name whenever it is passed
-        kwargs["gradient_checkpointing"] = True
+    # Always the new name: TRL's configs default the deprecated gradient_checkpointing to True, which transformers 5
+    # turns into activation_checkpointing=True (with a FutureWarning) whenever activation_checkpointing is unset.
+    kwargs["activation_checkpointing"] = bool(gc)
     return kwargs
 
 
