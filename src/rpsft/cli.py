@@ -42,6 +42,20 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"rpsft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Rotation-Preserving Supervised Fine-Tuning (RPSFT) on the Hugging Face stack."""
+
+
 @app.command()
 @friendly_errors
 def train(
@@ -111,6 +125,29 @@ def eval_files(
     if rep["invalid"]:
         raise ValueError(f"{len(rep['invalid'])} file(s) failed the check and were not installed: "
                          f"{', '.join(rep['invalid'])}")
+
+
+@app.command("accelerate-config")
+@friendly_errors
+def accelerate_config_cmd(name: Optional[str] = typer.Argument(None, help="fsdp2, zero2, ddp-cpu2 (none: list)")):
+    """Print the path of a shipped accelerate config, for `accelerate launch --config_file`."""
+    from .launch import accelerate_config, accelerate_configs
+
+    if name is None:
+        for n, p in accelerate_configs().items():
+            print(f"{n:10s} {p}")
+        return
+    print(accelerate_config(name))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly_errors
+def launch(ctx: typer.Context, name: str = typer.Argument(..., help="accelerate config: fsdp2, zero2, ddp-cpu2 "
+                                                                     "or a YAML path")):
+    """Run an rpsft command under `accelerate launch` with a shipped config: rpsft launch fsdp2 train -c my.yaml"""
+    from .launch import exec_launch
+
+    exec_launch(name, list(ctx.args))
 
 
 @app.command()
