@@ -71,7 +71,10 @@ def train(
     cfg = load_config(config, set_)
     console.print(f"[bold]rpsft train[/bold] method={cfg.method} model={cfg.model.name} data={cfg.data.train} "
                   f"-> {cfg.output_dir}", highlight=False)
-    summary = run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+    from .quiet import quiet_console
+
+    with quiet_console(Path(cfg.output_dir) / "train.log"):  # library logs and warnings -> the run's log file
+        summary = run_train(cfg, resume=resume, overwrite=overwrite, console=console)
     a = summary["anchor"]
     console.print(f"[green]done[/green] {summary['global_step']} steps in {summary['train_seconds']:.0f}s, "
                   f"mean train loss {summary['train_loss']:.4f}", highlight=False)
@@ -85,6 +88,8 @@ def train(
     console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
                   f"metrics:    {out / 'metrics.jsonl'}\nconfig:     {out / 'config.yaml'}\n"
                   f"summary:    {out / 'run.json'}", highlight=False)
+    if (out / "train.log").is_file():
+        console.print(f"log:        {out / 'train.log'}  (library messages and warnings)", highlight=False)
 
 
 @data_app.command("synth-math")

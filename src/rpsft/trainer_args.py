@@ -85,7 +85,13 @@ def write_model_card(trainer, cfg: Any, anchor_info: dict | None, out) -> None:
     from pathlib import Path
 
     tags = ["rpsft", f"rpsft-{cfg.method}"]
-    trainer.create_model_card(model_name=Path(str(out)).name, dataset_name=str(cfg.data.train), tags=tags)
+    data = str(cfg.data.train)
+    hub_data = data[3:].split(":")[0] if data.startswith("hf:") else None  # only hub datasets get a hub link
+    trainer.create_model_card(model_name=Path(str(out)).name, dataset_name=hub_data, tags=tags)
     card = Path(str(out)) / "README.md"
     if card.is_file():
-        card.write_text(card.read_text() + model_card_section(cfg, anchor_info, cfg.model.name))
+        text = card.read_text()
+        # TRL links the base model and the pipeline example to the hub; a local model has no hub id to link
+        text = text.replace("[None](https://huggingface.co/None)", f"`{cfg.model.name}`")
+        text = text.replace('model="None"', f'model="{out}"')
+        card.write_text(text + model_card_section(cfg, anchor_info, cfg.model.name))
