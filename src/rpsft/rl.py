@@ -272,7 +272,7 @@ def load_prompts(cfg: RLConfig) -> list[dict]:
         raise FileNotFoundError(
             f"RL prompt file {path} does not exist; write the built-in data with `rpsft data synth-math` or point "
             f"data.train at a GSM8K-style JSONL (question/answer with '#### N'), e.g. "
-            f"--set data.train=../shared/data/gsm8k/train.jsonl")
+            f"--set data.train=hf:openai/gsm8k:main:train")
     mode = cfg.data.system_prompt
     if mode == "auto":
         mode = _auto_system_prompt(path)
