@@ -69,6 +69,7 @@ def test_tensorboard_event_file_holds_loss_and_penalty(tiny_model_dir, synth_dat
     assert {"train/loss", "train/rpsft/penalty", "train/rpsft/lambda", "eval/loss"} <= tags, tags
     assert any(t.startswith("train/rpsft/drift/") for t in tags)
     assert len(values["train/loss"]) == 2 and values["train/rpsft/lambda"] == [10.0, 10.0]
+    assert len(values["eval/loss"]) == 1  # evaluated once at the end, not again by train()
     assert all(v > 0 for v in values["train/rpsft/penalty"])  # lr 1e-2 moves the weights: R > 0 after step 1
     # the run's own metrics agree with the tracker
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -294,6 +294,13 @@ def install_callbacks(trainer, out: Path, progress_callback=None, extra_callback
         trainer.add_callback(cb)
 
 
+def _final_eval(trainer) -> dict:
+    """eval_loss at the last step: the Trainer's own evaluation if it ran there (eval_strategy fires at the end
+    of training too), else one now."""
+    done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    return done[-1] if done else trainer.evaluate()
+
+
 def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False, console=None,
           extra_callbacks: list | None = None, progress: bool = True) -> dict:
     """Run one training job described by ``cfg``; returns the run summary (also written to run.json)."""
@@ -340,7 +347,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.perf_counter() - t1
     trainer.save_model(str(out))
-    eval_metrics = trainer.evaluate() if eval_dataset is not None else {}
+    eval_metrics = _final_eval(trainer) if eval_dataset is not None else {}
     extra = method.finalize(trainer, cfg, out) if method.finalize is not None else {}
 
     summary = {
