@@ -115,6 +115,9 @@ def rename_columns(row: Any, columns: dict | None) -> Any:
     """``data.columns``: ``{source_name: our_name}``, e.g. ``{instruction: prompt, output: completion}``."""
     if not columns or not isinstance(row, dict):
         return row
+    if not isinstance(columns, dict):
+        raise DataSourceError(f"data.columns must map source column -> our column, e.g. {{instruction: prompt}}, "
+                              f"got {columns!r}")
     out = dict(row)
     for src, dst in columns.items():
         if src in out:
