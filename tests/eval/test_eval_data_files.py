@@ -163,3 +163,10 @@ def test_offline_fallback_is_one_line(fresh_machine, tiny_dir, monkeypatch):
     err = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "math500.jsonl" in err[0] and "hub fallback failed" in err[0] and "eval-files" in err[0]
     assert "Traceback" not in r.output
+
+
+def test_fallback_schema_change_is_one_line(fresh_machine, monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list([{"question": "q"}]))
+    with pytest.raises(FileNotFoundError, match=r"HuggingFaceH4/MATH-500:test\[0\]: row does not have the expected "
+                                                r"fields for math500 \(KeyError.*columns \['question'\]"):
+        load_items(BENCHMARKS["math500"])

@@ -116,6 +116,16 @@ def fallback_rows(name: str) -> tuple[list[tuple[dict, str]], str]:
     """``([(official-format row, where)], "hf:...")`` for a registry benchmark; DataSourceError if the hub fails."""
     from rpsft.data.sources import load_hub
 
+    from rpsft.data.sources import DataSourceError
+
     fb = FALLBACKS[name]
     ds = load_hub(fb.spec)
-    return [(fb.convert(dict(row), i), f"{fb.spec}[{i}]") for i, row in enumerate(ds)], str(fb.spec)
+    out = []
+    for i, row in enumerate(ds):
+        try:
+            out.append((fb.convert(dict(row), i), f"{fb.spec}[{i}]"))
+        except (KeyError, ValueError, IndexError) as e:  # the hub dataset's schema changed
+            raise DataSourceError(f"{fb.spec}[{i}]: row does not have the expected fields for {name} "
+                                  f"({type(e).__name__}: {e}; columns {sorted(row)[:8]}); install the official file "
+                                  f"with `rpsft data eval-files --from DIR`") from None
+    return out, str(fb.spec)
