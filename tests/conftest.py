@@ -12,6 +12,10 @@ import pytest
 
 from rpsft_testing import make_tiny_llama, make_tokenizer  # noqa: F401  (re-exported for fixtures)
 
+# Tests never reach a model/data hub: where hub access is tested, the loader is mocked.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

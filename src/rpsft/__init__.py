@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml), so the two cannot disagree
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+    __version__ = _dist_version("rpsft")
+except PackageNotFoundError:  # a source tree on PYTHONPATH without an install
+    __version__ = "0.1.0"
 
 _EXPORTS = {
     "RotationAnchor": "anchor",

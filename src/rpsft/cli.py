@@ -42,6 +42,20 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"rpsft {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Rotation-Preserving Supervised Fine-Tuning (RPSFT) on the Hugging Face stack."""
+
+
 @app.command()
 @friendly_errors
 def train(
@@ -57,7 +71,10 @@ def train(
     cfg = load_config(config, set_)
     console.print(f"[bold]rpsft train[/bold] method={cfg.method} model={cfg.model.name} data={cfg.data.train} "
                   f"-> {cfg.output_dir}", highlight=False)
-    summary = run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+    from .quiet import quiet_console
+
+    with quiet_console(Path(cfg.output_dir) / "train.log"):  # library logs and warnings -> the run's log file
+        summary = run_train(cfg, resume=resume, overwrite=overwrite, console=console)
     a = summary["anchor"]
     console.print(f"[green]done[/green] {summary['global_step']} steps in {summary['train_seconds']:.0f}s, "
                   f"mean train loss {summary['train_loss']:.4f}", highlight=False)
@@ -71,6 +88,8 @@ def train(
     console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
                   f"metrics:    {out / 'metrics.jsonl'}\nconfig:     {out / 'config.yaml'}\n"
                   f"summary:    {out / 'run.json'}", highlight=False)
+    if (out / "train.log").is_file():
+        console.print(f"log:        {out / 'train.log'}  (library messages and warnings)", highlight=False)
 
 
 @data_app.command("synth-math")
@@ -86,6 +105,54 @@ def synth_math(
 
     paths = write_splits(out, n_train=n_train, n_test=n_test, seed=seed)
     print(f"wrote {n_train} train -> {paths['train']}\nwrote {n_test} test  -> {paths['test']}")
+
+
+@data_app.command("eval-files")
+@friendly_errors
+def eval_files(
+    src: Path = typer.Option(..., "--from", help="A copy of the official evaluation data: a folder with id/ and "
+                                                 "ood/, or a clone of the authors' repository."),
+    dest: Optional[Path] = typer.Option(None, "--to", help="Install here instead of where `rpsft eval` looks "
+                                                          "($RPSFT_EVAL_DIR, else ~/.cache/rpsft/eval)."),
+    gsm8k: Optional[Path] = typer.Option(None, "--gsm8k", help="Also install GSM8K's test.jsonl (file or folder)."),
+):
+    """Check the official evaluation files (every row must become an item) and install them for `rpsft eval`."""
+    from .eval.data_files import install_eval_files
+
+    rep = install_eval_files(src, dest, gsm8k)
+    for rel, info in rep["installed"].items():
+        print(f"ok       {rel:38s} {info['rows']:6d} rows  sha256 {info['sha256'][:12]}")
+    for rel, err in rep["invalid"].items():
+        print(f"INVALID  {rel:38s} {err}")
+    print(f"installed {len(rep['installed'])} files from {rep['root']} -> {rep['dest']}")
+    if rep["missing"]:
+        print(f"not in {rep['root']} (rpsft eval falls back to the hub for these): {', '.join(rep['missing'])}")
+    if rep["invalid"]:
+        raise ValueError(f"{len(rep['invalid'])} file(s) failed the check and were not installed: "
+                         f"{', '.join(rep['invalid'])}")
+
+
+@app.command("accelerate-config")
+@friendly_errors
+def accelerate_config_cmd(name: Optional[str] = typer.Argument(None, help="fsdp2, zero2, ddp-cpu2 (none: list)")):
+    """Print the path of a shipped accelerate config, for `accelerate launch --config_file`."""
+    from .launch import accelerate_config, accelerate_configs
+
+    if name is None:
+        for n, p in accelerate_configs().items():
+            print(f"{n:10s} {p}")
+        return
+    print(accelerate_config(name))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly_errors
+def launch(ctx: typer.Context, name: str = typer.Argument(..., help="accelerate config: fsdp2, zero2, ddp-cpu2 "
+                                                                     "or a YAML path")):
+    """Run an rpsft command under `accelerate launch` with a shipped config: rpsft launch fsdp2 train -c my.yaml"""
+    from .launch import exec_launch
+
+    exec_launch(name, list(ctx.args))
 
 
 @app.command()

@@ -61,7 +61,7 @@ class CompareConfig:
     rotation: bool = True
     drift_data: str | None = None  # default: the ID training data
     drift_limit: int = 32
-    eval_dir: str | None = None  # official evaluation files (else RPSFT_EVAL_DIR / ../shared/data/rpsft-eval)
+    eval_dir: str | None = None  # official evaluation files (else RPSFT_EVAL_DIR / ~/.cache/rpsft/eval)
 
 
 SECTIONS = {"id": EvalSpec, "ood": EvalSpec}

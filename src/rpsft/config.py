@@ -36,6 +36,8 @@ class DataConfig:
     max_length: int = 512
     limit: int | None = None  # use only the first N training rows
     split: str = "train"  # for hub datasets
+    columns: dict = field(default_factory=dict)  # rename source columns first: {their_name: our_name}
+    turns: str = "all"  # multi-turn rows: train on every assistant turn (all) or only the last one (last)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
     loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, trackio, ... ([] = none)
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Config:
     lora: LoraSection = field(default_factory=LoraSection)
     iw: IWSection = field(default_factory=IWSection)
     osf: OSFSection = field(default_factory=OSFSection)
+    trainer: dict = field(default_factory=dict)  # any other SFTConfig field, passed through (rpsft.trainer_args)
 
 
 # Short spellings users reach for; each maps to its one real key.
@@ -245,6 +249,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set anchor.rank=128")
         key, text = item.split("=", 1)
         key = ALIASES.get(key.strip(), key.strip())
+        if key.startswith(("trainer.", "data.columns.")):  # free-form sections, checked when the run starts
+            set_dotted(data, key, text, item)
+            continue
         if key not in all_keys():
             raise _unknown(key)
         set_dotted(data, key, text, item)

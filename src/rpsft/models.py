@@ -90,6 +90,17 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
+def _conversion_status(target: Path):
+    """The conversion's one progress display: a spinner on a terminal, one line in a log."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    msg = f"converting the embedded GGUF to an fp32 checkpoint in {target} (once)"
+    if not console.is_terminal:
+        console.print(msg, highlight=False)
+    return console.status(msg)
+
+
 def resolve(name_or_path: str) -> str:
     """Return a path or hub id that ``from_pretrained`` can load; converts an embedded model on first use."""
     key = str(name_or_path).lower()
@@ -97,7 +108,8 @@ def resolve(name_or_path: str) -> str:
         package, filename = EMBEDDED[key]
         target = cache_root() / "models" / key
         if not (target / "config.json").is_file():
-            _convert_gguf(_gguf_path(package, filename), target)
+            with _conversion_status(target):
+                _convert_gguf(_gguf_path(package, filename), target)
         return str(target)
     path = Path(name_or_path).expanduser()
     if path.exists():

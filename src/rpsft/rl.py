@@ -93,6 +93,7 @@ class RLTrainConfig:
     bf16: bool | None = None  # None: bf16 on a GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for GPUs, off on CPU
     log_completions: bool = False  # TRL's completions tables (parquet under output_dir/completions)
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, trackio, ... ([] = none)
 
 
 @dataclass
@@ -120,6 +121,7 @@ class RLConfig:
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     anchor: AnchorConfig = field(default_factory=lambda: AnchorConfig(enabled=False))
     eval: RLEvalConfig = field(default_factory=RLEvalConfig)
+    trainer: dict = field(default_factory=dict)  # any other GRPOConfig field, passed through (rpsft.trainer_args)
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -168,6 +170,9 @@ def apply_rl_overrides(data: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set dapo.num_generations=4")
         key, text = (s.strip() for s in item.split("=", 1))
+        if key.startswith("trainer."):  # free-form pass-through, checked against GRPOConfig when the run starts
+            set_dotted(data, key, text, item)
+            continue
         if key not in keys:
             raise _unknown(key)
         set_dotted(data, key, text, item)
@@ -246,18 +251,38 @@ def _auto_system_prompt(path: Path) -> str:
     return "file"
 
 
+def _table_prompts(cfg: RLConfig) -> list[dict]:
+    """RL prompts from a hub dataset (``hf:DATASET[:CONFIG]:SPLIT``) or a parquet/arrow/CSV file, through the
+    evaluation loader (GSM8K/MATH/official rows); the system prompt policy as for a file ("auto": boxed)."""
+    from .eval.loaders import load_items
+    from .eval.suites import Benchmark, resolve_benchmark
+    from .rl_rewards import encode_gold
+
+    src = str(cfg.data.train)
+    b = resolve_benchmark(src) if src.startswith("hf:") else Benchmark(Path(src).stem, "file", src, "auto", 1,
+                                                                          "extra")
+    mode = "boxed" if cfg.data.system_prompt == "auto" else cfg.data.system_prompt
+    items = load_items(b, None, cfg.data.limit, mode)
+    bad = [it["id"] for it in items if it["judge"] != "math"]
+    if bad:
+        raise ValueError(f"{src}: rows {bad[:5]} are not math problems; the RL reward is math correctness")
+    return [{"prompt": it["prompt"], "gold": encode_gold(it["gold"])} for it in items]
+
+
 def load_prompts(cfg: RLConfig) -> list[dict]:
     """``[{"prompt": [messages], "gold": json}]`` built by the evaluation harness's own loader
     (``rpsft.eval.loaders.load_items``), so RL prompts are exactly the prompts ``rpsft eval`` scores."""
     from .eval.loaders import load_items
     from .eval.suites import Benchmark
 
+    if str(cfg.data.train).startswith("hf:") or Path(cfg.data.train).suffix in (".parquet", ".arrow", ".csv"):
+        return _table_prompts(cfg)
     path = Path(cfg.data.train).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"RL prompt file {path} does not exist; write the built-in data with `rpsft data synth-math` or point "
             f"data.train at a GSM8K-style JSONL (question/answer with '#### N'), e.g. "
-            f"--set data.train=../shared/data/gsm8k/train.jsonl")
+            f"--set data.train=hf:openai/gsm8k:main:train")
     mode = cfg.data.system_prompt
     if mode == "auto":
         mode = _auto_system_prompt(path)
@@ -333,6 +358,8 @@ def _trainer_class():
                     and self.state.global_step % self.anchor_period == 0):
                 r = self.anchor.accumulate_grad_(self.accelerator.unwrap_model(self.model), self.anchor_weight)
                 self._metrics["train"]["rpsft/penalty"].append(r)
+                if self.anchor_budget is None:  # with a budget, log_values() below gives λ
+                    self._metrics["train"]["rpsft/lambda"].append(self.anchor_weight)
                 for t, v in self.anchor.relative_drift_by_type().items():
                     self._metrics["train"][f"rpsft/drift/{t}"].append(v)
                 if self.anchor_budget is not None:
@@ -437,6 +464,9 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
     if use_vllm:
         kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization,
                       vllm_max_model_length=d.vllm_max_model_length)
+    from .trainer_args import check_trainer_section
+
+    kwargs.update(check_trainer_section(cfg.trainer, GRPOConfig))  # the trainer: section has the last word
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
 
@@ -549,6 +579,16 @@ def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwri
     return prepare_run_dir(out, resume, overwrite, diff, may_change=", ".join(RESUMABLE_CHANGES))
 
 
+def _check_trainer_args(cfg: RLConfig) -> None:
+    """trainer: keys and trackers checked before the policy is loaded."""
+    from trl import GRPOConfig
+
+    from .trainer_args import check_report_to, check_trainer_section
+
+    check_trainer_section(cfg.trainer, GRPOConfig)
+    check_report_to(cfg.train.report_to)
+
+
 def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = False, console=None,
            progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
@@ -561,6 +601,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
 
     validate_rl(cfg)
     check_launch(bool(cfg.anchor.enabled))
+    _check_trainer_args(cfg)
     out = Path(cfg.output_dir)
     # data first: a bad file fails in a second, not after loading weights
     prompts = load_prompts(cfg)

@@ -42,7 +42,10 @@ def rl(
                       f"prompts/step={d.prompts_per_step} L_max={d.max_completion_length} lr={cfg.train.lr} "
                       f"steps={cfg.train.max_steps} anchor={'on' if cfg.anchor.enabled else 'off'} -> "
                       f"{cfg.output_dir}", highlight=False)
-        return run_rl(cfg, resume=resume, overwrite=overwrite, console=console)
+        from .quiet import quiet_console
+
+        with quiet_console(Path(cfg.output_dir) / "rl.log"):  # library logs and warnings -> the run's log file
+            return run_rl(cfg, resume=resume, overwrite=overwrite, console=console)
 
     summary = go()
     t = summary["train"]

@@ -31,6 +31,7 @@ from .budget import BudgetController, budget_callback, check_budget_method, weig
 from .config import Config, dump_yaml, to_dict
 from .launch import check_launch, resolve_checkpointing
 from .models import cache_root, load_model, parse_dtype
+from .trainer_args import check_report_to, check_trainer_section, write_model_card
 
 
 class AnchoredSFTTrainer(SFTTrainer):
@@ -122,6 +123,8 @@ class AnchoredSFTTrainer(SFTTrainer):
             r = sum(self._penalties) / len(self._penalties)
             logs["rpsft/penalty"] = r
             logs["rpsft/weighted_penalty"] = sum(self._weighted) / len(self._weighted)
+            if self.anchor_budget is None:  # with a budget, log_values() below gives λ (per type with scope=type)
+                logs["rpsft/lambda"] = self.anchor_weight
             for t, v in self._drift.items():
                 logs[f"rpsft/drift/{t}"] = v
             self._penalties.clear()
@@ -220,12 +223,12 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
         bf16=bool(bf16),
         fp16=False,
         use_cpu=not gpu,
-        report_to=[],
+        report_to=check_report_to(getattr(t, "report_to", None)),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
     # always explicit, under the new name: TRL's configs default the deprecated `gradient_checkpointing` to True,
-    # which transformers copies into `activation_checkpointing` when that is left unset (it was on, on CPU too)
+    # which transformers 5 copies into `activation_checkpointing` (with a FutureWarning) when that is left unset
     kwargs["activation_checkpointing"] = bool(gc)
     return kwargs
 
@@ -243,7 +246,10 @@ def build_sft_config(cfg: Config, output_dir: str | Path, **overrides: Any) -> S
         loss_type=t.loss_type,
         model_init_kwargs=None,
     )
+    if cfg.data.eval:  # eval_loss on data.eval every save_steps (and once at the end of train())
+        kwargs.update(eval_strategy="steps", eval_steps=t.save_steps, per_device_eval_batch_size=t.batch_size)
     kwargs.update(overrides)
+    kwargs.update(check_trainer_section(cfg.trainer, SFTConfig))  # the trainer: section has the last word
     return SFTConfig(**kwargs)
 
 
@@ -313,6 +319,13 @@ def install_callbacks(trainer, out: Path, progress_callback=None, extra_callback
         trainer.add_callback(cb)
 
 
+def _final_eval(trainer) -> dict:
+    """eval_loss at the last step: the Trainer's own evaluation if it ran there (eval_strategy fires at the end
+    of training too), else one now."""
+    done = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    return done[-1] if done else trainer.evaluate()
+
+
 def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False, console=None,
           extra_callbacks: list | None = None, progress: bool = True) -> dict:
     """Run one training job described by ``cfg``; returns the run summary (also written to run.json)."""
@@ -324,12 +337,17 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     check_launch(use_anchor)  # accelerate settings the anchor cannot work with fail here, not after the bases
     check_budget_method(cfg.anchor, f"method={cfg.method}", use_anchor)
     out = Path(cfg.output_dir)
+    check_trainer_section(cfg.trainer, SFTConfig)  # typos in trainer:/report_to fail before anything is loaded
+    check_report_to(cfg.train.report_to)
     ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", dump_yaml(cfg))
 
     # data before model: a bad data file fails in a second, not after loading the weights
-    dataset = to_dataset(load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit))
+    d = cfg.data
+    dataset = to_dataset(load_records(d.train, split=d.split, limit=d.limit, columns=d.columns, turns=d.turns))
+    eval_dataset = to_dataset(load_records(d.eval, split=d.split, columns=d.columns, turns=d.turns)) if d.eval \
+        else None
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
@@ -346,7 +364,8 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
         anchor = method.wrap_anchor(anchor, model, cfg)  # e.g. the anchor on W0 + s·BA of a PEFT model
 
     trainer_cls = method.trainer_class() if method.trainer_class is not None else AnchoredSFTTrainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, anchor=anchor,
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          processing_class=tokenizer, anchor=anchor,
                           anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg,
                           anchor_mode=cfg.anchor.mode, anchor_budget=BudgetController.from_config(cfg.anchor))
     install_callbacks(trainer, out, RichProgressCallback(console) if progress else None, extra_callbacks)
@@ -358,6 +377,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     train_s = time.perf_counter() - t1
     trainer.save_model(str(out))
+    eval_metrics = _final_eval(trainer) if eval_dataset is not None else {}
     extra = method.finalize(trainer, cfg, out) if method.finalize is not None else {}
 
     summary = {
@@ -374,11 +394,13 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
             # from drift(): works on FSDP2 shards too (every rank takes part in its all-reduce)
             "final_penalty": sum(v["abs"] ** 2 for v in anchor.drift(trainer.anchor_model()).values()),
         },
+        "eval_loss": eval_metrics.get("eval_loss"),
         "resumed_from": str(ckpt) if ckpt else None,
         "metrics": str(out / "metrics.jsonl"),
         "config": to_dict(cfg),
         **extra,
     }
+    write_model_card(trainer, cfg, summary["anchor"], out)
     if trainer.is_world_process_zero():
         io.write_json(out / "run.json", summary)
     return summary

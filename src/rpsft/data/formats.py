@@ -10,7 +10,9 @@ Accepted row shapes (JSONL, JSON list, or a Hugging Face dataset):
 The internal form is TRL's *conversational prompt-completion*: ``{"prompt": [messages...], "completion":
 [{"role": "assistant", "content": ...}]}``. TRL then computes the loss on completion tokens only, through the
 model's chat template. Earlier assistant turns of a multi-turn ``messages`` row stay in the prompt and are
-not trained on (SmolLM2's template has no ``{% generation %}`` markers for assistant-only masks).
+not trained on by that record; ``load_records(turns="all")`` (``data.turns: all``, the training default) makes one
+record per assistant turn instead, so every assistant turn is trained on whatever the chat template (TRL's
+``assistant_only_loss`` needs ``{% generation %}`` markers, which SmolLM2's template lacks).
 """
 
 from __future__ import annotations
@@ -95,7 +97,14 @@ def normalize_row(row: Any, source: str = "<data>", line: int | None = None) -> 
 
 
 def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[Any, int | None]]:
-    """Yield ``(row, line_number)`` from a JSONL/JSON file or, failing that, a Hugging Face dataset name."""
+    """Yield ``(row, line_number)`` from a JSONL/JSON file, a table (parquet/arrow/CSV/save_to_disk) or a Hugging
+    Face dataset (``hf:DATASET[:CONFIG]:SPLIT`` or a bare name); see :mod:`rpsft.data.sources`."""
+    from .sources import table_rows
+
+    table = table_rows(source, split)
+    if table is not None:
+        yield from table
+        return
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".json":
@@ -117,21 +126,31 @@ def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[An
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
         return
-    if path.is_dir() or str(source).endswith((".jsonl", ".json")):
+    if path.is_dir() or str(source).endswith((".jsonl", ".json", ".parquet", ".arrow", ".csv")):
         raise FileNotFoundError(f"data file {source} does not exist (generate the built-in data with "
                                 f"`rpsft data synth-math`, or point data.train at a JSONL file)")
-    import datasets  # a hub dataset name; only reachable where a hub is
+    from .sources import hub_rows  # a bare hub dataset name; only reachable where a hub is
 
-    for i, row in enumerate(datasets.load_dataset(str(source), split=split)):
-        yield row, i + 1
+    yield from hub_rows(str(source), split)
 
 
-def load_records(source: str | Path, split: str = "train", limit: int | None = None) -> list[dict]:
-    """Normalised ``{"prompt", "completion"}`` records from ``source`` (first ``limit`` rows if given)."""
+def load_records(source: str | Path, split: str = "train", limit: int | None = None, columns: dict | None = None,
+                 turns: str = "last") -> list[dict]:
+    """Normalised ``{"prompt", "completion"}`` records from ``source`` (first ``limit`` records if given).
+
+    ``columns`` renames source columns first (``data.columns``); ``turns="all"`` makes one record per assistant
+    turn of a multi-turn row (``data.turns``), ``"last"`` trains on the last assistant turn only."""
+    from .sources import assistant_turns, rename_columns
+
+    if turns not in ("all", "last"):
+        raise DataFormatError(f"data.turns must be 'all' or 'last', got {turns!r}")
     out = []
     for row, line in iter_raw_rows(source, split):
-        out.append(normalize_row(row, str(source), line))
+        row = rename_columns(row, columns)
+        for part in (assistant_turns(row) if turns == "all" else [row]):
+            out.append(normalize_row(part, str(source), line))
         if limit is not None and len(out) >= limit:
+            out = out[:limit]
             break
     if not out:
         raise DataFormatError(f"{source}: no rows")

@@ -76,7 +76,7 @@ def eval_command(
                                          "request; implies --loglik)"),
     eval_dir: Optional[str] = typer.Option(None, "--eval-dir",
                                            help="official files (id/, ood/); default $RPSFT_EVAL_DIR or "
-                                                "../shared/data/rpsft-eval"),
+                                                "~/.cache/rpsft/eval"),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt",
                                                 help="boxed | file | none (default: boxed for official and "
                                                      "GSM8K rows, file otherwise)"),

@@ -41,12 +41,43 @@ class EvalDataError(ValueError):
 
 
 def _rows(b: Benchmark, eval_dir: str | Path | None) -> list[tuple[Any, str]]:
-    src = source_path(b, eval_dir)
-    if b.source == "hf":
-        import datasets
+    return rows_with_origin(b, eval_dir)[0]
 
-        ds = datasets.load_dataset(str(src), split=b.split)
-        return [(row, f"{src}[{i}]") for i, row in enumerate(ds)]
+
+def rows_with_origin(b: Benchmark, eval_dir: str | Path | None) -> tuple[list[tuple[Any, str]], dict]:
+    """A benchmark's ``[(row, where)]`` and where they came from: ``{"source": file path or hf:..., "rows",
+    "sha256"}`` (hash of the rows as canonical JSON, :func:`rpsft.eval.data_files.rows_digest`). A missing official
+    or GSM8K file falls back to the benchmark's public hub dataset (:mod:`rpsft.eval.hub_fallbacks`)."""
+    from rpsft.eval.data_files import rows_digest
+
+    rows, origin = _read_rows(b, eval_dir)
+    return rows, {**origin, "rows": len(rows), "sha256": rows_digest(r for r, _ in rows)}
+
+
+def _read_rows(b: Benchmark, eval_dir: str | Path | None) -> tuple[list[tuple[Any, str]], dict]:
+    from rpsft.data.sources import DataSourceError, HubSpec, load_hub, table_rows
+    from rpsft.eval.hub_fallbacks import FALLBACKS, fallback_rows
+
+    if b.source == "hf":
+        spec = HubSpec(b.file, b.config, b.split)
+        return [(row, f"{spec}[{i}]") for i, row in enumerate(load_hub(spec))], {"source": str(spec)}
+    try:
+        src = source_path(b, eval_dir)
+    except FileNotFoundError as missing:
+        if b.source not in ("official", "gsm8k") or b.name not in FALLBACKS:
+            raise
+        try:
+            rows, spec = fallback_rows(b.name)
+        except DataSourceError as e:
+            raise FileNotFoundError(f"{missing}; its hub fallback failed too: {e}") from None
+        return rows, {"source": spec, "fallback_for": b.file}
+    table = table_rows(src, b.split) if Path(src).suffix in (".parquet", ".arrow", ".csv") else None
+    if table is not None:
+        return [(row, f"{src}[{i}]") for row, i in table], {"source": str(Path(src).resolve())}
+    return _jsonl_rows(src), {"source": str(Path(src).resolve())}
+
+
+def _jsonl_rows(src) -> list[tuple[Any, str]]:
     out = []
     with open(src) as f:
         for n, line in enumerate(f, start=1):
@@ -140,10 +171,13 @@ def default_system_prompt(b: Benchmark) -> str:
 
 
 def load_items(b: Benchmark, eval_dir: str | Path | None = None, limit: int | None = None,
-               system_prompt: str | None = None) -> list[dict]:
-    """The first ``limit`` items of a benchmark, with the system prompt policy applied."""
+               system_prompt: str | None = None, origin: dict | None = None) -> list[dict]:
+    """The first ``limit`` items of a benchmark, with the system prompt policy applied; ``origin``, if given, is
+    filled with where the rows came from (:func:`rows_with_origin`)."""
     mode = system_prompt or default_system_prompt(b)
-    rows = _rows(b, eval_dir)
+    rows, where = rows_with_origin(b, eval_dir)
+    if origin is not None:
+        origin.update(where)
     if limit is not None:
         rows = rows[:limit]
     if not rows:

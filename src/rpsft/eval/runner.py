@@ -119,8 +119,9 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     # 1. data first: a missing file fails before minutes of model loading
     skipped: dict[str, str] = {}
     items: dict[str, list[dict]] = {}
+    origins: dict[str, dict] = {}
     for b in benches:
-        got = load_items(b, eval_dir, limit, system_prompt)
+        got = load_items(b, eval_dir, limit, system_prompt, origin=origins.setdefault(b.name, {}))
         if loglik and any(it["judge"] != "mcq" for it in got):
             skipped[b.name] = "not multiple choice: log-likelihood mode scores options only"
             continue
@@ -191,6 +192,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     for b in benches:
         rows = [[done[(b.name, i, s)] for s in range(ns[b.name])] for i in range(len(items[b.name]))]
         per_bench[b.name] = _bench_summary(b, rows, ks[b.name], loglik, mc_protocol)
+        per_bench[b.name]["data"] = origins[b.name]  # where the rows came from, and a hash of them
     groups = {}
     for g in ("id", "ood"):
         vals = [_primary(per_bench[b.name]) for b in benches if b.group == g]

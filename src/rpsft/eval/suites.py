@@ -7,12 +7,14 @@ Suite names accepted by ``rpsft eval --suite`` (comma-separated, any mix):
 * a benchmark name from :data:`BENCHMARKS`, or an alias (the official file stem, e.g. ``truthful_qa_mc``);
 * ``NAME_test`` for an OOD benchmark: its official ``*_test.jsonl`` (first ~50 rows), e.g. ``arc_c_test``;
 * a path to a JSONL file (official, GSM8K or prompt/completion rows; the judge is inferred per row);
-* ``hf:DATASET[:SPLIT]``: a Hugging Face dataset by name (where a hub is reachable), rows as for a file;
+* ``hf:DATASET[:CONFIG]:SPLIT``: a Hugging Face dataset by name (where a hub is reachable), rows as for a file;
 * ``probe``: the forgetting probe (needs ``probe_base`` / ``--probe-base``).
 
-Where the files live: official files under ``eval_dir`` / ``$RPSFT_EVAL_DIR`` (default ``../shared/data/rpsft-eval``),
-GSM8K under ``$RPSFT_GSM8K_DIR`` (default ``../shared/data/gsm8k``), the synthetic math test split under
-``$RPSFT_SYNTH_DIR`` (default ``data/synth-math``, written by ``rpsft data synth-math``).
+Where the files live: official files under ``eval_dir`` / ``$RPSFT_EVAL_DIR`` (default ``~/.cache/rpsft/eval``, filled
+by ``rpsft data eval-files --from DIR``; see :mod:`rpsft.eval.data_files`), GSM8K under ``$RPSFT_GSM8K_DIR`` (default
+``~/.cache/rpsft/eval/gsm8k``), the synthetic math test split under ``$RPSFT_SYNTH_DIR`` (default
+``data/synth-math``, written by ``rpsft data synth-math``). A missing official or GSM8K file falls back to the
+benchmark's public hub dataset where one exists (:mod:`rpsft.eval.hub_fallbacks`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Benchmark:
     flex: bool = False  # also report the "last number" extraction (GSM8K convention) beside the boxed one
     split: str = "test"
     description: str = ""
+    config: str | None = None  # hub dataset config (hf:DATASET:CONFIG:SPLIT)
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
@@ -94,15 +97,17 @@ def resolve_benchmark(name: str) -> Benchmark:
             return replace(base, name=name, file=base.file[: -len(".jsonl")] + "_test.jsonl",
                            description=base.description + ", first ~50 rows")
     if name.startswith("hf:"):
-        ds, _, split = name[3:].partition(":")
-        return Benchmark(name, "hf", ds, "auto", 1, "extra", split=split or "test",
-                         description=f"Hugging Face dataset {ds}")
-    if name.endswith((".jsonl", ".json")) or os.sep in name:
+        from rpsft.data.sources import parse_hf_spec
+
+        spec = parse_hf_spec(name, "test")
+        return Benchmark(name, "hf", spec.name, "auto", 1, "extra", split=spec.split, config=spec.config,
+                         description=f"Hugging Face dataset {spec}")
+    if name.endswith((".jsonl", ".json", ".parquet", ".arrow", ".csv")) or os.sep in name:
         return Benchmark(Path(name).stem, "file", name, "auto", 1, "extra", description=name)
     known = ", ".join(sorted(BENCHMARKS))
     raise SuiteError(
         f"unknown suite or benchmark {name!r}. Use one of: id, ood, all, {PROBE}, {known}; NAME_test for an OOD "
-        f"benchmark's *_test file (e.g. arc_c_test); a path to a .jsonl file; or hf:DATASET[:SPLIT]")
+        f"benchmark's *_test file (e.g. arc_c_test); a path to a .jsonl file; or hf:DATASET[:CONFIG]:SPLIT")
 
 
 def expand_suites(suites: list[str] | str) -> tuple[list[Benchmark], bool]:
@@ -126,7 +131,10 @@ def expand_suites(suites: list[str] | str) -> tuple[list[Benchmark], bool]:
 def _default_dir(env: str, rel: str) -> Path:
     if os.environ.get(env):
         return Path(os.environ[env]).expanduser()
-    return Path(rel)
+    from rpsft.eval.data_files import eval_dir_default, gsm8k_dir_default
+
+    # official and GSM8K files: the user's cache, never the current directory
+    return {"RPSFT_EVAL_DIR": eval_dir_default, "RPSFT_GSM8K_DIR": gsm8k_dir_default}.get(env, lambda: Path(rel))()
 
 
 def source_path(b: Benchmark, eval_dir: str | Path | None = None) -> Path | str:
@@ -136,13 +144,14 @@ def source_path(b: Benchmark, eval_dir: str | Path | None = None) -> Path | str:
         return b.file
     if b.source == "official":
         root, how = (Path(eval_dir).expanduser(), "the eval_dir argument / --eval-dir") if eval_dir else \
-            (_default_dir("RPSFT_EVAL_DIR", "../shared/data/rpsft-eval"), "--eval-dir or $RPSFT_EVAL_DIR")
+            (_default_dir("RPSFT_EVAL_DIR", ""), "--eval-dir or $RPSFT_EVAL_DIR")
         path = root / b.file
         hint = (f"point {how} at the directory holding id/ and ood/ (the official release's evaluation/data "
-                f"folder, jinhangzhan/RPSFT)")
+                f"folder, jinhangzhan/RPSFT), or install them with `rpsft data eval-files --from DIR`")
     elif b.source == "gsm8k":
-        path = _default_dir("RPSFT_GSM8K_DIR", "../shared/data/gsm8k") / b.file
-        hint = "set $RPSFT_GSM8K_DIR to the directory holding GSM8K's test.jsonl (question/answer rows)"
+        path = _default_dir("RPSFT_GSM8K_DIR", "") / b.file
+        hint = ("set $RPSFT_GSM8K_DIR to the directory holding GSM8K's test.jsonl (question/answer rows), or run "
+                "`rpsft data eval-files --from DIR --gsm8k FILE`")
     elif b.source == "synth":
         path = _default_dir("RPSFT_SYNTH_DIR", "data/synth-math") / b.file
         hint = "run `rpsft data synth-math` first, or set $RPSFT_SYNTH_DIR to the directory holding test.jsonl"
