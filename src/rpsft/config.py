@@ -72,6 +72,8 @@ class TrainConfig:
     bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
     loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
+    nan_policy: str = "stop"  # non-finite loss/penalty/gradient: stop (at that step) | skip (drop the step's update)
+    nan_max_skips: int = 10  # with nan_policy=skip: stop once more than this many steps were skipped
 
 
 @dataclass
@@ -187,6 +189,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
+        if value is None or value == "":
+            raise ConfigError(f"{key}: empty value; give a non-empty string")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -295,6 +299,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
     raise_first_failed(checks)
+    from .preflight import check_values
+
+    check_values(cfg)  # finiteness, ranges, non-empty paths and targets, rank syntax: before anything loads
 
 
 def raise_first_failed(checks: list[tuple[bool, str]]) -> None:

@@ -88,6 +88,8 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     "boxed" | "file" | "none" (default per benchmark, see loaders). probe_base: base model for the ``probe``
     suite. progress(description, done, total) is called as work finishes."""
     t0 = time.time()
+    if Path(str(model)).expanduser().is_dir():
+        model = str(Path(str(model)))  # "runs/x/" and "runs/x" are the same model (and the same stored run)
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     if loglik and backend != "hf":
