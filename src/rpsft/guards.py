@@ -50,14 +50,18 @@ class FiniteGuard(TrainerCallback):
         self.first_loss: float | None = None
         self.last_finite_loss: float | None = None
         self._window_loss = None
-        self._n_penalties = 0
+        self._window_pen: list[float] = []
         inner = trainer.training_step
 
         def training_step(model, inputs, num_items_in_batch=None):
             # sum of this window's micro-batch losses, kept on the device: one host sync per optimizer step
+            pens = getattr(trainer, "_penalties", None)
+            n = len(pens) if pens is not None else 0
             loss = inner(model, inputs, num_items_in_batch)
             d = loss.detach().float()
             self._window_loss = d if self._window_loss is None else self._window_loss + d
+            if pens is not None:
+                self._window_pen += pens[n:]  # the penalties this micro-batch added (the anchor's, once a window)
             return loss
 
         trainer.training_step = training_step  # an instance attribute: works for every trainer subclass
@@ -72,9 +76,7 @@ class FiniteGuard(TrainerCallback):
         step = state.global_step + 1  # the step being taken (global_step counts finished steps)
         loss = float(self._window_loss) if self._window_loss is not None else 0.0
         self._window_loss = None
-        pens = list(getattr(self.trainer, "_penalties", []))
-        new = pens[self._n_penalties:] if len(pens) >= self._n_penalties else pens
-        self._n_penalties = len(pens)
+        new, self._window_pen = self._window_pen, []
         penalty = next((r for r in new if not math.isfinite(r)), new[-1] if new else 0.0)
         gnorm = self._grad_norm(model if model is not None else self.trainer.model)
         bad = [what for what, v in (("loss", loss), ("anchor penalty R", penalty), ("gradient norm", gnorm))
@@ -103,7 +105,7 @@ class FiniteGuard(TrainerCallback):
             cause = f"the weights ran away from W0: lower anchor.lam (λ={lam}) or train.lr ({lr})"
         elif self.first_loss is None:
             cause = "the first batch already gives it: check the data (empty or garbled rows) and the model weights"
-        elif "loss" in bad:
+        elif "loss" in bad or (math.isfinite(loss) and loss > 100 * max(abs(self.first_loss), 1e-8)):
             cause = (f"the loss diverged (step-1 loss {self.first_loss:.4g}, last finite {self.last_finite_loss:.4g}):"
                      f" lower train.lr ({lr})")
         else:

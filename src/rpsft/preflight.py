@@ -147,3 +147,51 @@ def usable_cache_dir(path: str | Path) -> str | None:
                       "RPSFT_CACHE to a writable directory)", stacklevel=2)
         return str(p) if any(p.glob("*.safetensors")) and os.access(p, os.R_OK) else None
     return str(p)
+
+
+def finished_run(out: Path, resume: Any, config_diff) -> dict | None:
+    """The stored summary when ``--resume latest`` names a run that already finished with this config (resuming
+    it would train past its last step and rewrite run.json); None otherwise."""
+    if not resume or str(resume) not in ("True", "latest"):
+        return None
+    summary, saved = out / "run.json", out / "config.yaml"
+    if not summary.is_file() or (saved.is_file() and config_diff(saved.read_text())):
+        return None
+    import json
+
+    try:
+        return json.loads(summary.read_text())
+    except ValueError:
+        return None  # a torn run.json: the run did not finish cleanly, resume it
+
+
+def report_dropped(trainer, records: list[dict], tokenizer, max_length: int, source: str) -> dict:
+    """Count the rows TRL dropped because truncation to ``max_length`` left no completion token (the prompt alone
+    fills it), warn with the count and the longest prompt, and refuse a run that would have no rows at all."""
+    import logging
+
+    from .data.formats import DataFormatError
+
+    report = {"rows": len(records)}
+    try:
+        kept = len(trainer.train_dataset)
+    except TypeError:  # an iterable dataset: no length to compare
+        return report
+    report["kept"] = kept
+    dropped = len(records) - kept
+    if dropped <= 0:
+        return report
+    lens = []
+    for r in records:
+        text = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+        lens.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    longest = max(lens)
+    report.update(dropped_too_long=dropped, longest_prompt_tokens=longest)
+    if kept == 0:
+        raise DataFormatError(f"{source}: all {len(records)} rows were dropped: each prompt fills data.max_length="
+                              f"{max_length} tokens, leaving no completion token to train on (longest prompt "
+                              f"{longest} tokens); raise data.max_length")
+    logging.getLogger("rpsft").warning(
+        "%s: %d of %d rows dropped: the prompt leaves no completion token within data.max_length=%d (longest prompt "
+        "%d tokens); raise data.max_length to keep them", source, dropped, len(records), max_length, longest)
+    return report

@@ -135,6 +135,9 @@ def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[An
     if path.is_dir() or str(source).endswith((".jsonl", ".json")) or looks_local(source):
         raise FileNotFoundError(f"data file {source} does not exist (generate the built-in data with "
                                 f"`rpsft data synth-math`, or point data.train at a JSONL file)")
+    if not hub_reachable():  # not a local file, and no hub to ask: say so now, not after minutes of retries
+        raise FileNotFoundError(f"data file {source} does not exist, and it cannot be a hub dataset here (the hub is "
+                                "unreachable or HF_HUB_OFFLINE is set); point data.train at a JSONL/JSON file")
     import datasets  # a hub dataset name; only reachable where a hub is
 
     try:
@@ -145,6 +148,23 @@ def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[An
                                 f"({type(e).__name__}: {first[:160]}); give a JSONL/JSON file path") from None
     for i, row in enumerate(rows):
         yield row, i + 1
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connect; False when offline mode is set."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def looks_local(source: str | Path) -> bool:
