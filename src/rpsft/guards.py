@@ -65,6 +65,14 @@ class FiniteGuard(TrainerCallback):
             return loss
 
         trainer.training_step = training_step  # an instance attribute: works for every trainer subclass
+        log = trainer.log
+
+        def log_with_skips(logs, *args, **kwargs):
+            if self.skipped and "loss" in logs:  # before every on_log callback (metrics.jsonl, trackers) sees it
+                logs["rpsft/skipped_steps"] = self.skipped
+            return log(logs, *args, **kwargs)
+
+        trainer.log = log_with_skips
 
     def _grad_norm(self, model) -> float:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -124,10 +132,6 @@ class FiniteGuard(TrainerCallback):
                 if not bool(torch.isfinite(p.detach()).all()):
                     raise NonFiniteError(f"training stopped at step {state.global_step}: weight {name} is not finite "
                                          f"after the update; lower train.lr. Nothing was saved for this step")
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.skipped and "loss" in logs:
-            logs["rpsft/skipped_steps"] = self.skipped
 
 
 # ------------------------------------------------------------------------------------ complete checkpoints
