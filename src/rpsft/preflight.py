@@ -149,9 +149,11 @@ def usable_cache_dir(path: str | Path) -> str | None:
     return str(p)
 
 
-def finished_run(out: Path, resume: Any, config_diff) -> dict | None:
+def finished_run(out: Path, resume: Any, config_diff, max_steps: int = -1) -> dict | None:
     """The stored summary when ``--resume latest`` names a run that already finished with this config (resuming
-    it would train past its last step and rewrite run.json); None otherwise."""
+    it would train past its last step and rewrite run.json); None otherwise. A run stopped early also has a
+    run.json: finished means its global_step reached the run's total (``max_steps``, else the one Trainer
+    recorded in the newest complete checkpoint)."""
     if not resume or str(resume) not in ("True", "latest"):
         return None
     summary, saved = out / "run.json", out / "config.yaml"
@@ -160,9 +162,18 @@ def finished_run(out: Path, resume: Any, config_diff) -> dict | None:
     import json
 
     try:
-        return json.loads(summary.read_text())
+        stored = json.loads(summary.read_text())
     except ValueError:
         return None  # a torn run.json: the run did not finish cleanly, resume it
+    if max_steps <= 0:
+        from .guards import CheckpointError, checkpoint_state, latest_complete
+
+        ckpt = latest_complete(out)[0]
+        try:
+            max_steps = int(checkpoint_state(ckpt).get("max_steps", 0)) if ckpt is not None else 0
+        except CheckpointError:
+            return None
+    return stored if max_steps > 0 and int(stored.get("global_step", 0)) >= max_steps else None
 
 
 def report_dropped(trainer, records: list[dict], tokenizer, max_length: int, source: str) -> dict:

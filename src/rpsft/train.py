@@ -312,7 +312,8 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
     preflight.check_targets(cfg, use_anchor)
     records = load_records(cfg.data.train, split=cfg.data.split, limit=cfg.data.limit)
     dataset = to_dataset(records)
-    finished = preflight.finished_run(out, resume, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
+    finished = preflight.finished_run(out, resume, lambda saved: _yaml_diff(saved, dump_yaml(cfg)),
+                                      cfg.train.max_steps)
     if finished is not None:
         log.warning("%s already finished (step %s); nothing to resume", out, finished.get("global_step"))
         return finished
