@@ -74,19 +74,30 @@ class FiniteGuard(TrainerCallback):
 
         trainer.log = log_with_skips
 
-    def _grad_norm(self, model) -> float:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:  # DeepSpeed keeps its own gradient buffers: nothing to read here
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    def _checked(self, model, penalty: float) -> tuple[float, float, float]:
+        """(window loss, penalty, gradient norm), agreed by every rank: one all-reduce and one host sync per step.
+
+        Summed over ranks so that NaN anywhere is NaN everywhere and all ranks stop at the same step (a rank that
+        stopped alone would leave the others waiting in a collective). Under DDP the gradient and penalty are
+        replicated, so the printed values are then world-size multiples; only their finiteness is used."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # none under DeepSpeed: its own buffers
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 shards: squares add up
+        device = local[0].device if local else (self._window_loss.device if self._window_loss is not None else "cpu")
+        sq = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros((), device=device)
+        loss = self._window_loss.to(device) if self._window_loss is not None else torch.zeros((), device=device)
+        v = torch.stack([loss, torch.tensor(penalty, device=device, dtype=torch.float32), sq.float()])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(v)
+        loss_v, pen_v, sq_v = v.tolist()
+        return loss_v, pen_v, math.sqrt(sq_v) if sq_v >= 0 else sq_v
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # the step being taken (global_step counts finished steps)
-        loss = float(self._window_loss) if self._window_loss is not None else 0.0
-        self._window_loss = None
         new, self._window_pen = self._window_pen, []
         penalty = next((r for r in new if not math.isfinite(r)), new[-1] if new else 0.0)
-        gnorm = self._grad_norm(model if model is not None else self.trainer.model)
+        loss, penalty, gnorm = self._checked(model if model is not None else self.trainer.model, penalty)
+        self._window_loss = None
         bad = [what for what, v in (("loss", loss), ("anchor penalty R", penalty), ("gradient norm", gnorm))
                if not math.isfinite(v)]
         if not bad:
