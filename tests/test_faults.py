@@ -254,6 +254,9 @@ def test_resume_passes_over_a_torn_checkpoint(tiny_model_dir, synth_data, tmp_pa
                                                   rel=1e-5)
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-3)
     assert (out / "checkpoint-4" / guards.COMPLETE).is_file()  # re-written whole
+    # sealed but its trainer_state.json lost afterwards (a disk fault): passed over as well
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    assert guards.latest_complete(out) == (out / "checkpoint-2", [out / "checkpoint-4"])
 
 
 def test_every_run_file_gets_the_umask_mode(tiny_model_dir, synth_data, tmp_path):

@@ -199,9 +199,9 @@ def checkpoint_state(ckpt: Path) -> dict:
 
 
 def is_complete(ckpt: Path, marked_run: bool) -> bool:
-    """Marked complete, or (a run written before markers existed) with a readable trainer_state.json."""
-    if marked_run:
-        return (ckpt / COMPLETE).is_file()
+    """Marked complete (in a run that writes markers) and with a readable trainer_state.json."""
+    if marked_run and not (ckpt / COMPLETE).is_file():
+        return False
     try:
         checkpoint_state(ckpt)
     except CheckpointError:
