@@ -188,18 +188,20 @@ def test_unwritable_cache_warns_and_runs_uncached(tmp_path, caplog, monkeypatch,
     assert caplog.text.count("running without caching") == 1 and os.strerror(err) in caplog.text
 
 
-def test_uncreatable_rpsft_cache_is_a_warning_not_a_traceback(tiny_model_dir, synth_data, tmp_path, monkeypatch):
+def test_uncreatable_rpsft_cache_is_a_warning_not_a_traceback(tiny_model_dir, synth_data, tmp_path, monkeypatch,
+                                                              caplog):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("RPSFT_CACHE", str(blocker / "cache"))
     out = tmp_path / "run"
-    with pytest.warns(UserWarning, match=r"bases cache .* cannot be created .*running without caching"):
+    with caplog.at_level(logging.WARNING, logger="rpsft"):
         r = runner.invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
                                 f"data.train={synth_data['train']}", "--set", f"output_dir={out}", "--set",
                                 "data.limit=4", "--set", "max_steps=1", "--set", "rank=2", "--set",
                                 "train.batch_size=2"])
     assert r.exit_code == 0, r.output
     assert (out / "run.json").is_file() and "Traceback" not in r.output
+    assert "cannot be created (Not a directory); running without caching" in caplog.text
 
 
 # -------------------------------------------------------------------------------------------- 3. overwrite

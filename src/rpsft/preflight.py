@@ -132,6 +132,12 @@ def check_data_path(source: str) -> None:
                                 "`rpsft data synth-math`, or point data.train at a JSONL file)")
 
 
+def _log():
+    import logging
+
+    return logging.getLogger("rpsft")
+
+
 def usable_cache_dir(path: str | Path) -> str | None:
     """``path`` if bases can be cached there, else None with a warning (read-only or not creatable): the run goes
     on without caching rather than failing on a cache."""
@@ -139,12 +145,12 @@ def usable_cache_dir(path: str | Path) -> str | None:
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        warnings.warn(f"bases cache {p} cannot be created ({e.strerror}); running without caching bases "
-                      "(set anchor.cache_dir or RPSFT_CACHE to a writable directory)", stacklevel=2)
+        _log().warning(f"bases cache {p} cannot be created ({e.strerror}); running without caching bases "
+                       "(set anchor.cache_dir or RPSFT_CACHE to a writable directory)")
         return None
     if not os.access(p, os.W_OK | os.X_OK):
-        warnings.warn(f"bases cache {p} is not writable; running without caching bases (set anchor.cache_dir or "
-                      "RPSFT_CACHE to a writable directory)", stacklevel=2)
+        _log().warning(f"bases cache {p} is not writable; running without caching bases (set anchor.cache_dir "
+                       "or RPSFT_CACHE to a writable directory)")
         return str(p) if any(p.glob("*.safetensors")) and os.access(p, os.R_OK) else None
     return str(p)
 
