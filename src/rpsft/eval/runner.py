@@ -47,6 +47,11 @@ def judge_completion(item: dict, completion: str, flex: bool = False, timeout_s:
     raise ValueError(f"unknown judge {kind!r}")
 
 
+def _same_path(model: str) -> str:
+    """A local model directory as one string: "runs/x/" and "runs/x" are the same model and the same stored run."""
+    return str(Path(str(model))) if Path(str(model)).expanduser().is_dir() else str(model)
+
+
 def _check_run(out: Path, config: dict) -> None:
     import json
 
@@ -88,8 +93,6 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     "boxed" | "file" | "none" (default per benchmark, see loaders). probe_base: base model for the ``probe``
     suite. progress(description, done, total) is called as work finishes."""
     t0 = time.time()
-    if Path(str(model)).expanduser().is_dir():
-        model = str(Path(str(model)))  # "runs/x/" and "runs/x" are the same model (and the same stored run)
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     if loglik and backend != "hf":
@@ -125,7 +128,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model": str(model), "model_fingerprint": _model_fingerprint(model) if benches else None,
+    config = {"model": _same_path(model), "model_fingerprint": _model_fingerprint(model) if benches else None,
               "backend": backend, "max_new_tokens": None if loglik else max_new_tokens,
               "temperature": None if (greedy or loglik) else temperature,
               "top_p": None if (greedy or loglik) else top_p, "greedy": bool(greedy), "seed": seed,
