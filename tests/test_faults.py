@@ -93,6 +93,28 @@ def test_skip_policy_counts_and_stops_after_n(tiny_model_dir, synth_data, tmp_pa
         train(cfg1, progress=False)
 
 
+def test_guard_message_names_the_likely_cause():
+    class FakeTrainer:
+        method_config = load_config(None, ["lr=0.5", "lam=3"])
+        anchor_weight = 3.0
+
+        def training_step(self, *a):
+            return torch.tensor(1.0)
+
+        def log(self, *a, **k):
+            pass
+
+    g = guards.FiniteGuard(FakeTrainer())
+    inf, nan = float("inf"), float("nan")
+    assert "delete the bases cache" in g.message(1, ["anchor penalty R"], 1.0, inf, 1.0)
+    assert "first batch already gives it" in g.message(1, ["loss"], nan, 0.0, nan)
+    assert "lower anchor.lam (λ=3.0) or train.lr (0.5)" in g.message(7, ["anchor penalty R"], 1.0, inf, 1.0)
+    assert "the loss diverged (lower train.lr (0.5))" in g.message(7, ["loss"], nan, 0.0, nan)  # resumed: no history
+    g.first_loss, g.last_finite_loss = 2.0, 3.0
+    assert "step-1 loss 2, last finite 3" in g.message(7, ["gradient norm"], 1e4, 0.0, nan)
+    assert "the gradient overflowed" in g.message(7, ["gradient norm"], 2.5, 0.0, inf)
+
+
 def test_non_finite_values_are_written_as_null(tmp_path):
     from rpsft import io
 

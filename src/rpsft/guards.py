@@ -117,16 +117,19 @@ class FiniteGuard(TrainerCallback):
         lr = cfg.train.lr if cfg is not None else self.trainer.args.learning_rate
         lam = getattr(self.trainer, "anchor_weight", None)
         what = f"{' and '.join(bad)} not finite (loss {loss:.4g}, R {penalty:.4g}, grad norm {gnorm:.4g})"
-        if "anchor penalty R" in bad and self.first_loss is None:
+        at_start = step == 1  # (after a resume, first_loss is this session's first: no history before it)
+        history = (f"step-1 loss {self.first_loss:.4g}, last finite {self.last_finite_loss:.4g}; "
+                   if self.first_loss is not None else "")
+        if "anchor penalty R" in bad and at_start:
             cause = ("the anchor's bases are wrong at the first step: delete the bases cache (anchor.cache_dir, "
                      "default <RPSFT_CACHE>/bases) and run again")
         elif "anchor penalty R" in bad:
             cause = f"the weights ran away from W0: lower anchor.lam (λ={lam}) or train.lr ({lr})"
-        elif self.first_loss is None:
+        elif at_start:
             cause = "the first batch already gives it: check the data (empty or garbled rows) and the model weights"
-        elif "loss" in bad or (math.isfinite(loss) and loss > 100 * max(abs(self.first_loss), 1e-8)):
-            cause = (f"the loss diverged (step-1 loss {self.first_loss:.4g}, last finite {self.last_finite_loss:.4g}):"
-                     f" lower train.lr ({lr})")
+        elif "loss" in bad or (math.isfinite(loss) and self.first_loss is not None
+                               and loss > 100 * max(abs(self.first_loss), 1e-8)):
+            cause = f"the loss diverged ({history}lower train.lr ({lr}))"
         else:
             cause = f"the gradient overflowed: lower train.lr ({lr}) or set train.max_grad_norm"
         skipped = f"; {self.skipped} earlier step(s) skipped (train.nan_max_skips={self.max_skips})" \
