@@ -234,7 +234,7 @@ RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "config.json", "generat
              "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja",
              "vocab.json", "merges.txt", "added_tokens.json", "training_args.bin", "adapter_config.json",
              "adapter_model.safetensors", "*.log", ".*.tmp")
-RUN_DIRS = ("checkpoint-*", "merged", "runs", "logs", "wandb", "mlruns")  # + tracker folders
+RUN_DIRS = ("checkpoint-*", "merged", "runs", "logs", "wandb", "mlruns", "eval", "eval-init")  # trackers; rpsft rl
 
 
 def _written_by_run(p: Path) -> bool:
