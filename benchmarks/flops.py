@@ -5,8 +5,10 @@ Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
     residual  A = U_kᵀ W V_k − diag σ_k     2·m·n·k + 2·k²·min(m, n) FLOP (second product over the smaller side)
     gradient  G = 2·U_k A V_kᵀ              2·m·n·k + 2·k²·min(m, n) FLOP
     storage   U_k, σ_k, V_k                 (m + n + 1)·k numbers (fp32: ×4 bytes)
+              lean frames (bf16/fp16)       (m + n)·k·2 + k·4 + k²·2 bytes (U_l, V_l; σ_k fp32, A_ref off-diagonal fp16)
 
-and with k ≥ min(m, n) (L2-Init, R = ‖W − W0‖²): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
+with k clipped to min(m, n) (Eq. 3 at full rank of a non-square matrix keeps its bases), and for a square matrix at
+k ≥ n (R = ‖W − W0‖², the same value): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
 on T tokens costs ≈ 6·N·T FLOP (N = parameters that take part in matmuls: all but the input embedding table) plus
 causal attention, 6·L·seq·d_attn FLOP per token (QKᵀ and PV, forward + backward, halved by the causal mask).
 
@@ -50,8 +52,9 @@ def projections(hidden: int, inter: int, heads: int, kv: int, hd: int) -> dict[s
 
 def anchor_cost(m: int, n: int, k: int) -> tuple[float, float, bool]:
     """(FLOP per step, bytes in fp32, full_rank) for one m×n matrix at requested rank k."""
-    if k >= min(m, n):
+    if k >= min(m, n) and m == n:
         return 3.0 * m * n, 4.0 * m * n, True
+    k = min(k, m, n)
     return 4.0 * m * n * k + 4.0 * k * k * min(m, n), 4.0 * (m + n + 1) * k, False
 
 
@@ -63,12 +66,14 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
     n_total = n_matmul + (0 if tied else vocab * hidden)
     step_flop = 6.0 * n_matmul * tokens
     attn_flop = 6.0 * layers * seq * heads * hd * tokens  # QKᵀ and PV, causal-halved, fwd + bwd
-    a_flop = a_bytes = 0.0
+    a_flop = a_bytes = a_lean = 0.0
     full, low = [], []
     for t, (m, n) in mats.items():
         f, b, is_full = anchor_cost(m, n, k)
         a_flop += layers * f
         a_bytes += layers * b
+        kk = min(k, m, n)
+        a_lean += layers * (b if is_full else (m + n) * kk * 2 + kk * 4 + kk * kk * 2)  # rpsft.frames.anchor_nbytes
         (full if is_full else low).append(t)
     a_flop /= period
     total_step = step_flop + attn_flop
@@ -78,7 +83,7 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
             "seq_len": seq, "period": period, "anchored_matrices": 7 * layers, "full_rank_types": full,
             "low_rank_types": low, "anchor_flop": a_flop, "step_flop_6NT": step_flop, "attention_flop": attn_flop,
             "flop_ratio_6NT": a_flop / step_flop, "flop_ratio_with_attention": a_flop / total_step,
-            "anchor_bytes": a_bytes, "param_bytes_bf16": 2.0 * n_total,
+            "anchor_bytes": a_bytes, "anchor_bytes_lean_frames": a_lean, "param_bytes_bf16": 2.0 * n_total,
             "w0_copy_bytes_fp32": 4.0 * layers * sum(m * n for m, n in mats.values()),
             "h100_step_seconds_est": t_step, "h100_anchor_seconds_est": times,
             "h100_time_ratio_est": {a: t / t_step for a, t in times.items()}}
@@ -102,10 +107,12 @@ def main() -> None:
           f"step at {args.mfu:.0%} of {PEAK['bf16_tc']:.0f} TFLOP/s bf16; anchor arithmetic at 70% of its peak")
     for r in rows:
         print(f"\n{r['model']}: {r['params_total'] / 1e9:.2f} B params, {r['anchored_matrices']} anchored matrices "
-              f"(full rank = L2-Init: {', '.join(r['full_rank_types']) or 'none'})")
+              f"(W0 kept, square at full rank: {', '.join(r['full_rank_types']) or 'none'})")
         print(f"  anchor     {r['anchor_flop'] / 1e12:8.2f} TFLOP/step   memory {r['anchor_bytes'] / 2**30:6.2f} GiB fp32 "
               f"(weights {r['param_bytes_bf16'] / 2**30:.1f} GiB bf16; fp32 W0 copy of these matrices "
               f"{r['w0_copy_bytes_fp32'] / 2**30:.1f} GiB)")
+        print(f"  lean frames (anchor.frame_dtype=bf16/fp16): {r['anchor_bytes_lean_frames'] / 2**30:.2f} GiB "
+              f"= {r['anchor_bytes_lean_frames'] / r['anchor_bytes']:.3f} × fp32 frames")
         print(f"  step 6NT   {r['step_flop_6NT'] / 1e12:8.1f} TFLOP   + attention {r['attention_flop'] / 1e12:.1f} TFLOP")
         print(f"  FLOP ratio {100 * r['flop_ratio_6NT']:.3f} % of 6NT, {100 * r['flop_ratio_with_attention']:.3f} % with "
               f"attention   (closed form 2k/(3·T·s) per matrix: {100 * 2 * args.rank / (3 * tokens * args.period):.3f} %)")
@@ -115,7 +122,7 @@ def main() -> None:
         need = {a: max(1, math.ceil(v * args.period / 0.02)) for a, v in r["h100_time_ratio_est"].items()}
         r["period_for_2pct"] = need
         print("  period s for <= 2 % (H100 estimate): " + "; ".join(f"{a}: s={v}" for a, v in need.items()))
-    print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where k >= min(m, n)")
+    print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where a square matrix is at full rank")
     print("under r-way sharding (FSDP2, row-sharded anchor) anchor FLOP and memory per GPU divide by r, like the step")
     if args.out:
         from rpsft.io import write_json

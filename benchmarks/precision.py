@@ -1,6 +1,7 @@
 """Precision of the anchor residual A = U_kᵀWV_k − diag σ_k and of ∇R = 2·U_k A V_kᵀ at realistic drift (issue 6.1).
 
-Setting: real SmolLM2-135M-Instruct matrices (the seven projections of a few layers), bases from
+Setting: real SmolLM2-135M-Instruct matrices (the seven projections of a few layers; the embedded checkpoint,
+de-quantised from the Q4_1 GGUF, not the original bf16 weights: docs/eval.md), bases from
 ``rpsft.bases.compute_bases`` (exact SVD, fp32 U/V, Rayleigh-refined σ — exactly what the anchor stores). The weight
 is moved as a few AdamW steps at lr 1e-6 would move it: each step changes every entry by lr·(0.5·g + 0.5·ξ_t) with a
 fixed sign pattern g = ±1 (Adam's m/√v is ≈ ±1 on a persistent gradient) and fresh noise ξ_t ∈ [−1, 1], so after s
@@ -11,11 +12,20 @@ CPU time of one (R, ∇R) pass over all the matrices (median of interleaved repe
 accuracy only — their speed needs a CUDA tensor core).
 
     python benchmarks/precision.py [--layers 0,15,29] [--rank 128,384] [--steps 0,1,10,100] [--out FILE]
+
+``--frames bf16,fp16`` measures lean frames instead (``anchor.frame_dtype``, rpsft.frames) on the same matrices and
+drift: the penalty at W0 relative to Σσ² (through the anchor's own residual), the gradient's relative error against
+the fp32-frame penalty ‖U_kᵀ(W − W0)V_k‖² evaluated exactly in fp64 (once with the lean frames in fp64: the frame's
+own effect; once as the anchor computes it: fp32, TF32 off, stored A_ref — next to the fp32-frame anchor computed
+the same way), the largest principal angle between the rounded and the exact frame, and ‖U_lᵀU_l − I‖₂:
+
+    python benchmarks/precision.py --frames bf16,fp16 --layers 0,29 --rank 128 --steps 1,10,100
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
@@ -46,7 +56,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="interleaved timing repetitions per strategy")
     ap.add_argument("--strategies", default=",".join(("fp64", "fp32", "tf32", "tf32x3", "bf16", "bf16x3")))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--frames", default=None, help="comma-separated lean frame dtypes (bf16,fp16): frame study")
+    ap.add_argument("--targets", default=None, help="frame study: comma-separated projection names (default: all 7)")
     args = ap.parse_args()
+    if args.frames:
+        return frames_study(args)
 
     from rpsft.bases import compute_bases
     from rpsft.models import load_model
@@ -133,6 +147,133 @@ def main() -> None:
         from rpsft.io import write_json
 
         write_json(args.out, results)
+        print(f"\nwrote {args.out}")
+
+
+def _max_angle(Q: torch.Tensor, R: torch.Tensor) -> float:
+    """Largest principal angle (radians) between span(Q) and span(R), via an orthonormalised Q in fp64."""
+    Qo, _ = torch.linalg.qr(Q.double())
+    Ro, _ = torch.linalg.qr(R.double())
+    # sin of the largest angle = ‖(I − R Rᵀ) Qo‖₂: accurate for the tiny angles here (arccos of ~1 is not)
+    return float(torch.asin(torch.linalg.matrix_norm(Qo - Ro @ (Ro.T @ Qo), ord=2).clamp(max=1.0)))
+
+
+def frames_study(args) -> None:
+    from rpsft.anchor import RotationAnchor, _Term
+    from rpsft.bases import compute_bases
+    from rpsft.frames import lean_bases, parse_frame_dtype, reference_block
+    from rpsft.models import load_model
+    from rpsft.precision import ieee_fp32
+    from rpsft.selection import select_matrices
+
+    layers = [int(x) for x in args.layers.split(",")]
+    k_req = int(args.rank.split(",")[0])
+    steps_list = [int(x) for x in args.steps.split(",") if int(x) > 0]
+    fds = [x.strip() for x in args.frames.split(",") if x.strip()]
+    model, _ = load_model(args.model)
+    targets = args.targets.split(",") if args.targets else None
+    mats = [(n, p.detach().float().clone()) for n, p in select_matrices(model, targets, layers)]
+    del model
+    gen = torch.Generator().manual_seed(0)
+
+    def term(name, W0, U, S, V, Aref=None):
+        return _Term(name, tuple(W0.shape), U.shape[1], U=U, S=S, V=V, ref_sq=float(S.double().pow(2).sum()),
+                     Aref=Aref)
+
+    def run(t, W, dtype=torch.float32):
+        """(R, ∇R) of one term through RotationAnchor's own residual and closed-form gradient."""
+        a = RotationAnchor([t], dtype=dtype)
+        with torch.no_grad(), ieee_fp32():
+            A = a._residual(t, W)
+            U, V = t.frames(dtype)
+            return float(A.double().pow(2).sum()), 2.0 * (U @ A) @ V.T
+
+    rows = {}
+    for name, W0 in mats:
+        k = min(k_req, min(W0.shape))
+        if k >= min(W0.shape):
+            continue
+        b = compute_bases(W0, k)
+        sig2 = float(b.S.double().pow(2).sum())
+        fp32 = term(name, W0, b.U, b.S, b.V)
+        Wd = {s: drifted(W0, s, args.lr, gen) for s in steps_list}
+
+        def exact(U, V, s):
+            """∇‖Uᵀ(W − W0)V‖² in fp64 with W − W0 formed exactly: the penalty of these frames, no stored σ/A_ref."""
+            U64, V64 = U.double(), V.double()
+            return 2.0 * (U64 @ (U64.T @ (Wd[s].double() - W0.double()) @ V64)) @ V64.T
+
+        def rel(G, s, ref):
+            return float((G.double() - ref[s]).norm() / ref[s].norm())
+
+        ref = {s: exact(b.U, b.V, s) for s in steps_list}  # the fp32-frame anchor's penalty, exactly
+        full = lean_bases(W0, b, torch.float32)  # fp32 frames with their A_ref (fp16 off-diagonal): "unified"
+        row = {"k": k, "shape": list(W0.shape), "sigma_sq": sig2,
+               "R0": {"fp32": run(fp32, W0)[0], "fp32+Aref": run(term(name, W0, b.U, full.S, b.V, full.A), W0)[0]},
+               "grad_fp32_frames_fp32": {s: rel(run(fp32, Wd[s])[1], s, ref) for s in steps_list},
+               "grad_fp32_frames_Aref_fp32": {s: rel(run(term(name, W0, b.U, full.S, b.V, full.A), Wd[s])[1], s, ref)
+                                              for s in steps_list}}
+        for fd in fds:
+            dt = parse_frame_dtype(fd)
+            lb = lean_bases(W0, b, dt)
+            lean = term(name, W0, lb.U, lb.S, lb.V, lb.A)
+            naive = term(name, W0, lb.U, b.S, lb.V)  # rounded frames against diag σ_k: plain low-precision bases
+            A32 = reference_block(W0, lb.U, lb.V)  # the whole A_ref in fp32: the costlier storage, for comparison
+            off32 = A32 - torch.diag_embed(torch.diagonal(A32))
+            whole = term(name, W0, lb.U, lb.S, lb.V, off32)
+            bf = term(name, W0, lb.U, lb.S, lb.V, off32.bfloat16())  # the off-diagonal in bf16 instead of fp16
+            row[fd] = {
+                "R0": run(lean, W0)[0], "R0_naive": run(naive, W0)[0], "R0_Aref_fp32": run(whole, W0)[0],
+                "R0_offdiag_bf16": run(bf, W0)[0],
+                "offdiag_dtype": str(lb.A.dtype).replace("torch.", ""),
+                "angle_U": _max_angle(lb.U, b.U), "angle_V": _max_angle(lb.V, b.V),
+                "orth_U": float(torch.linalg.matrix_norm(
+                    lb.U.double().T @ lb.U.double() - torch.eye(k, dtype=torch.float64), ord=2)),
+                "grad_fp64": {s: rel(exact(lb.U, lb.V, s), s, ref) for s in steps_list},  # the frame's own effect
+                "grad_fp32": {s: rel(run(lean, Wd[s])[1], s, ref) for s in steps_list},  # as the anchor computes
+                "grad_fp32_Aref_fp32": {s: rel(run(whole, Wd[s])[1], s, ref) for s in steps_list},
+            }
+        rows[name] = row
+        print(f"{name}: k={k} " + " ".join(
+            f"{fd}: R0/Σσ² {row[fd]['R0'] / sig2:.1e} (naive {row[fd]['R0_naive'] / sig2:.1e}) "
+            f"angle {max(row[fd]['angle_U'], row[fd]['angle_V']):.1e} grad64 "
+            + "/".join(f"{row[fd]['grad_fp64'][s]:.1e}" for s in steps_list) for fd in fds), flush=True)
+
+    def med_max(vals):
+        return f"{statistics.median(vals):.1e} ({max(vals):.0e})"
+
+    R = list(rows.values())
+    tot = sum(r["sigma_sq"] for r in R)
+    print(f"\n{len(R)} matrices (layers {layers}), k={k_req}, lr {args.lr:g}; per matrix median (worst)")
+    print(f"fp32 frames: R(W0)/Σσ² {med_max([r['R0']['fp32'] / r['sigma_sq'] for r in R])}; "
+          f"with A_ref {med_max([r['R0']['fp32+Aref'] / r['sigma_sq'] for r in R])}; grad err (fp32 compute) "
+          + ", ".join(f"s={s}: {med_max([r['grad_fp32_frames_fp32'][s] for r in R])}" for s in steps_list)
+          + "; with A_ref " + ", ".join(f"s={s}: {med_max([r['grad_fp32_frames_Aref_fp32'][s] for r in R])}"
+                                        for s in steps_list))
+    summary = {"sum_sigma_sq": tot, "fp32_R0_total": sum(r["R0"]["fp32"] for r in R),
+               "fp32_Aref_R0_total": sum(r["R0"]["fp32+Aref"] for r in R)}
+    for fd in fds:
+        print(f"{fd} frames: R(W0)/Σσ² {med_max([r[fd]['R0'] / r['sigma_sq'] for r in R])}; naive diag σ "
+              f"{med_max([r[fd]['R0_naive'] / r['sigma_sq'] for r in R])}; whole A_ref in fp32 "
+              f"{med_max([r[fd]['R0_Aref_fp32'] / r['sigma_sq'] for r in R])}; off-diagonal in bf16 "
+              f"{med_max([r[fd]['R0_offdiag_bf16'] / r['sigma_sq'] for r in R])}; off-diagonal stored "
+              f"{sorted(collections.Counter(r[fd]['offdiag_dtype'] for r in R).items())}; max angle U "
+              f"{med_max([r[fd]['angle_U'] for r in R])}, V {med_max([r[fd]['angle_V'] for r in R])}; "
+              f"‖UᵀU−I‖₂ {med_max([r[fd]['orth_U'] for r in R])}")
+        print(f"   grad err vs the fp32-frame penalty ‖U_kᵀ(W−W0)V_k‖² in fp64: frames alone (fp64) "
+              + ", ".join(f"s={s}: {med_max([r[fd]['grad_fp64'][s] for r in R])}" for s in steps_list)
+              + "; as computed (fp32) " + ", ".join(f"s={s}: {med_max([r[fd]['grad_fp32'][s] for r in R])}"
+                                                     for s in steps_list)
+              + "; whole A_ref in fp32 " + ", ".join(
+                  f"s={s}: {med_max([r[fd]['grad_fp32_Aref_fp32'][s] for r in R])}" for s in steps_list))
+        summary[fd] = {"R0_total": sum(r[fd]["R0"] for r in R), "R0_naive_total": sum(r[fd]["R0_naive"] for r in R)}
+        print(f"   totals: R(W0) {summary[fd]['R0_total']:.2e} vs Σσ² {tot:.3e} -> "
+              f"{summary[fd]['R0_total'] / tot:.1e} (goal <= 1e-6); naive {summary[fd]['R0_naive_total']:.2e}")
+    if args.out:
+        from rpsft.io import write_json
+
+        write_json(args.out, {"model": args.model, "layers": layers, "k": k_req, "lr": args.lr,
+                              "summary": summary, "matrices": rows})
         print(f"\nwrote {args.out}")
 
 

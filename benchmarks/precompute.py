@@ -1,7 +1,9 @@
 """Bases precompute: exact SVD vs Gram-eigh vs randomized SVD on every projection matrix of a model (issue 6.2).
 
-For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices) and each k
-(default 128 and 384, clipped to min(m, n); a k equal to min(m, n) is L2-Init and needs no bases, so it is skipped):
+For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices;
+the embedded checkpoint, de-quantised from the Q4_1 GGUF: docs/eval.md) and each k
+(default 128 and 384, clipped to min(m, n); a k equal to min(m, n) cuts no spectrum, so it is skipped here —
+training still computes and caches those bases for non-square matrices, where Eq. 3 at full rank needs them):
 
 * wall time of ``rpsft.bases.solve_bases`` (compute_bases without its niter guard) with solver exact, gram and randomized at niter 2, 4, 8, 16
   (solvers interleaved per matrix, in a rotating order, so a noisy machine slows all of them alike);
@@ -127,8 +129,8 @@ def main() -> None:
         blk = {"matrices": len(sub), "skipped_full_rank": len(rows) - len(sub), "solvers": {}}
         gaps = [d["gap"] for _, d in sub]
         blk["gap"] = {"min": min(gaps), "median": statistics.median(gaps), "max": max(gaps)}
-        print(f"\nk={k} (clipped): {len(sub)} matrices with bases, {blk['skipped_full_rank']} at full rank (L2-Init, "
-              f"no SVD); σ_k/σ_(k+1): min {min(gaps):.4f}, median {statistics.median(gaps):.4f}, "
+        print(f"\nk={k} (clipped): {len(sub)} matrices with bases, {blk['skipped_full_rank']} at full rank (not measured "
+              f"here); σ_k/σ_(k+1): min {min(gaps):.4f}, median {statistics.median(gaps):.4f}, "
               f"max {max(gaps):.4f}")
         print(f"  {'solver':13s} {'wall s':>8s} {'CPU s':>8s} {'min overlap':>12s} {'median':>8s} {'#<0.99':>7s} "
               f"{'max σ err/σ1':>13s}")

@@ -89,10 +89,11 @@ def test_penalty_equals_brute_force_after_perturbation(model):
     assert expected > 1e-3  # the perturbation is visible: the check is not 0 == 0
 
 
-def test_full_rank_is_exactly_l2_to_init(model):
+def test_l2_at_full_rank_is_exactly_l2_to_init(model):
+    # method=l2init: ‖W − W0‖² on every matrix, square or not (W0 stored, no bases)
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     for rank in (10_000, 1.0):  # int beyond min(m, n) is clipped; fraction 1.0 is min(m, n)
-        anchor = RotationAnchor.from_model(model, rank=rank)
+        anchor = RotationAnchor.from_model(model, rank=rank, full_rank_as="l2")
         assert all(t.full and t.U is None for t in anchor.terms.values())
     perturb_(model)
     params = dict(model.named_parameters())
@@ -102,14 +103,43 @@ def test_full_rank_is_exactly_l2_to_init(model):
     anchor.accumulate_grad_(model, weight=1.0)
     for n in anchor.terms:
         torch.testing.assert_close(params[n].grad, 2 * (params[n].detach() - W0[n]))
-    # For a square W an SVD at k = min(m, n) agrees (U, V both square orthogonal). For a non-square W only one of
-    # them is square, and Eq. 3 would miss the part of ΔW outside W0's row/column space: that is why the full-rank
-    # term is defined as ‖W − W0‖² (L2-Init), not as Eq. 3 at k = min(m, n).
-    l2 = {n: float((params[n].detach().double() - W0[n].double()).pow(2).sum()) for n in anchor.terms}
+    with pytest.raises(ValueError, match="full_rank_as"):
+        RotationAnchor.from_model(model, rank=4, full_rank_as="L2-Init")
+
+
+def _brute_projected(W0: torch.Tensor, W: torch.Tensor) -> float:
+    """‖P_U ΔW P_V‖² with P_U, P_V the orthogonal projectors onto W0's column and row spaces (fp64 pinv)."""
+    W0 = W0.double()
+    P_U = W0 @ torch.linalg.pinv(W0)  # m×m projector onto range(W0)
+    P_V = torch.linalg.pinv(W0) @ W0  # n×n projector onto range(W0ᵀ)
+    return float((P_U @ (W.double() - W0) @ P_V).pow(2).sum())
+
+
+def test_eq3_at_every_k_is_continuous_on_non_square_matrices(model):
+    # R(k) = ‖U_kᵀ ΔW V_k‖² is a sum of |ΔW'_ij|² over a growing leading block, so non-decreasing in k; at
+    # k = min(m, n) it is ‖P_U ΔW P_V‖², strictly less than ‖ΔW‖² on a non-square matrix (no jump to L2-Init).
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kp = "model.layers.0.self_attn.k_proj.weight"  # 16 × 32: min(m, n) = 16
+    gp = "model.layers.0.mlp.gate_proj.weight"  # 80 × 32: min(m, n) = 32
+    anchors = {k: RotationAnchor.from_model(model, rank=k, targets=["k_proj", "gate_proj"], layers=[0])
+               for k in (4, 8, 12, 16, 24, 31, 32, 10_000)}
+    perturb_(model)
+    params = dict(model.named_parameters())
+    for name, m_n in ((kp, 16), (gp, 32)):
+        assert tuple(params[name].shape) != (m_n, m_n)  # non-square
+        r = [anchors[k].drift(model)[name]["abs"] ** 2 for k in sorted(anchors)]
+        assert all(b >= a * (1 - 1e-6) for a, b in zip(r, r[1:])), (name, r)
+        full = anchors[10_000]
+        t = full.terms[name]
+        assert not t.full and t.k == m_n and t.U.shape == (params[name].shape[0], m_n)  # bases, not W0
+        brute = _brute_projected(W0[name], params[name].detach())
+        assert r[-1] == pytest.approx(brute, rel=1e-5)
+        l2 = float((params[name].detach().double() - W0[name].double()).pow(2).sum())
+        assert brute < 0.9 * l2  # the check separates Eq. 3 from ‖ΔW‖²
+    # a square matrix at full rank keeps the cheaper W0 form, with the same value as Eq. 3
+    sq = RotationAnchor.from_model(model, rank=1.0, targets=["q_proj"], layers=[0])
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert brute_force(W0[q], params[q].detach(), 32) == pytest.approx(l2[q], rel=1e-8)
-    kp = "model.layers.0.self_attn.k_proj.weight"  # 16 x 32
-    assert brute_force(W0[kp], params[kp].detach(), 16) < 0.9 * l2[kp]
+    assert sq.terms[q].full
 
 
 def test_rank_zero_contributes_nothing(model):
@@ -211,3 +241,21 @@ def test_wrong_model_is_a_clear_error(model):
     other = make_tiny_llama(64, hidden=48, inter=80)
     with pytest.raises(ValueError, match="has shape"):
         anchor.penalty(other)
+
+
+def test_l2init_method_anchor_is_l2_and_rpsft_full_rank_is_eq3(model, tmp_path):
+    # the training entry point: method=l2init builds ‖W − W0‖² on every matrix; method=rpsft at a k beyond
+    # min(m, n) builds Eq. 3 (bases on the non-square k/v/MLP matrices, W0 only for the square q/o)
+    from rpsft.config import load_config
+    from rpsft.train import build_anchor
+
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    l2 = build_anchor(model, load_config(None, ["method=l2init", f"anchor.cache_dir={tmp_path}"]), full_rank=True)
+    eq3 = build_anchor(model, load_config(None, ["method=rpsft", "anchor.rank=10000", f"anchor.cache_dir={tmp_path}"]))
+    assert all(t.full for t in l2.terms.values())
+    assert {n for n, t in eq3.terms.items() if t.full} == {n for n in eq3.terms if "q_proj" in n or "o_proj" in n}
+    perturb_(model)
+    params = dict(model.named_parameters())
+    dw = {n: float((params[n].detach().double() - W0[n].double()).pow(2).sum()) for n in l2.terms}
+    assert l2.penalty(model).item() == pytest.approx(sum(dw.values()), rel=1e-6)
+    assert eq3.penalty(model).item() < 0.9 * sum(dw.values())

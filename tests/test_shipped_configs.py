@@ -31,3 +31,16 @@ def test_compare_demo_plans_every_method(monkeypatch):
     cfg = load_compare_config(ROOT / "configs" / "compare-demo.yaml")
     names = [r.name for r in plan_runs(cfg)]
     assert {"sft", "rpsft", "l2init", "dft", "iw", "lora"} <= set(names) and "rpsft-k16" in names
+
+
+def test_study_plans_the_frontier_grid(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    runs = plan_runs(load_compare_config(ROOT / "configs" / "study.yaml"))
+    fam = {}
+    for r in runs:
+        fam.setdefault(r.family, []).append(r)
+    sft = [r for r in fam["sft"] if r.eval_steps]
+    assert len(sft) == 1 and len(sft[0].eval_steps) + 1 >= 4  # SFT's early-stopping curve: >= 4 checkpoints
+    assert len(fam["rpsft k=128"]) >= 3 + 1 and len(fam["rpsft k=ranks"]) >= 3 and len(fam["l2init"]) >= 3
+    assert {"lora", "dft"} <= set(fam)
+    assert len({r.seed for r in fam["sft"]}) == 2 and len({r.seed for r in fam["rpsft k=128"]}) == 2

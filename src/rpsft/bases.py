@@ -5,9 +5,10 @@ Three solvers:
 * ``exact`` (default) — ``torch.linalg.svd``; the only one that is right on flat spectra.
 * ``gram`` — eigh of the smaller Gram matrix (WᵀW or WWᵀ); about as accurate for the top of the spectrum
   (the squared condition number only hurts the small singular values we do not keep) and often faster.
-* ``randomized`` — ``torch.svd_lowrank`` with ``niter`` power iterations. On SmolLM2 the spectrum is flat
-  (σ_k/σ_{k+1} ≈ 1.003), so the top-k subspace from a few iterations is badly wrong (niter < 4 is refused, any
-  niter warns); check :func:`subspace_overlap` against exact (benchmarks/precompute.py) before using it.
+* ``randomized`` — ``torch.svd_lowrank`` with ``niter`` power iterations. On SmolLM2 (the embedded checkpoint,
+  de-quantised from Q4_1: docs/eval.md) the spectrum is flat (σ_k/σ_{k+1} ≈ 1.003), so the top-k subspace from
+  a few iterations is badly wrong (niter < 4 is refused, any niter warns); check :func:`subspace_overlap`
+  against exact (benchmarks/precompute.py) before using it.
 
 Whatever the solver, σ is then refined as the Rayleigh quotient diag(U_kᵀ W0 V_k), accumulated in fp64: for the
 fp32-rounded U_k, V_k actually stored this is the value that makes A = U_kᵀ W0 V_k − diag σ_k vanish on its

@@ -33,6 +33,10 @@ class EvalSpec:
     max_new_tokens: int | None = None
     batch_size: int | None = None
     loglik: bool = False
+    mc_protocol: str = "paper"  # multiple-choice protocol: paper | lm-eval (rpsft.eval.loglik)
+    # prompt/completion JSONL (or a suite name whose file holds completions, e.g. synth-math) scored by
+    # teacher-forced exact match: one forward pass per batch instead of max_new_tokens decoding steps
+    teacher_forced: str | None = None
 
 
 @dataclass
@@ -41,7 +45,16 @@ class CompareConfig:
     train_config: str = "configs/demo.yaml"
     train_set: list[str] = field(default_factory=list)  # overrides for every run
     methods: list[dict] = field(default_factory=lambda: [{"name": "sft"}, {"name": "rpsft"}])
-    sweep: dict | None = None  # {"method": "rpsft", "ranks": [16, 64, 128], "set": [...]}
+    # one grid per entry: {"method": "rpsft", "lam": [1, 10], "rank": [128, "@ranks.json"], "set": [...]}; any
+    # config key (aliases rank/lam/period/seed, or a bare anchor./train. field name) may be swept
+    sweep: Any = None
+    eval_steps: list[int] = field(default_factory=list)  # also evaluate each run at these optimizer steps
+    forgetting: str = "probe_kl"  # the frontier's y axis: probe_kl | probe_nll_delta | ood_drop
+    bootstrap: int = 2000  # resamples per paired bootstrap interval
+    probe_prompts: str | None = None  # a JSONL of {"prompt"} rows instead of the shipped probe set
+    probe_max_new_tokens: int = 64  # length of the base's answers the probe scores (its cost is linear in it)
+    keep_checkpoints: bool = True  # False: delete a finished run's checkpoint-N dirs (≈ 3× the weights each)
+    probe_cache: bool = True  # keep the base's probe log-probs on disk (float16) instead of recomputing per point
     id: EvalSpec = field(default_factory=lambda: EvalSpec(suites=["synth-math"], limit=50, max_new_tokens=160))
     ood: EvalSpec = field(default_factory=lambda: EvalSpec(loglik=True))
     probe: bool = True
@@ -88,9 +101,70 @@ def load_compare_config(path: str | Path | None, overrides: list[str] | None = N
     for m in cfg.methods:
         if "name" not in m:
             raise ConfigError(f"methods: every entry needs a name, got {m}")
-    if cfg.sweep is not None and ("method" not in cfg.sweep or not cfg.sweep.get("ranks")):
-        raise ConfigError("sweep needs 'method' and a non-empty 'ranks' list")
+    cfg.sweep = [] if cfg.sweep is None else cfg.sweep if isinstance(cfg.sweep, list) else [cfg.sweep]
+    for sw in cfg.sweep:
+        if not isinstance(sw, dict) or "method" not in sw:
+            raise ConfigError(f"sweep: every grid is a mapping with a 'method', e.g. {{method: rpsft, lam: [1, 10]}};"
+                              f" got {sw!r}")
+        sweep_axes(sw)  # unknown keys fail here, before anything runs
+    cfg.eval_steps = _steps(cfg.eval_steps, "eval_steps")
+    for m in [*cfg.methods, *cfg.sweep]:
+        if "eval_steps" in m:
+            _steps(m["eval_steps"], f"eval_steps of {m.get('name', m.get('method'))}")
+    if cfg.forgetting not in FORGETTING:
+        raise ConfigError(f"forgetting: {cfg.forgetting!r} is not a measure; use one of {', '.join(FORGETTING)}")
+    if cfg.bootstrap < 100:
+        raise ConfigError(f"bootstrap: {cfg.bootstrap} resamples is too few for a 95 % interval; use >= 1000")
     return cfg
+
+
+FORGETTING = ("probe_kl", "probe_nll_delta", "ood_drop")
+SWEEP_META = ("method", "set", "label", "eval_steps")
+SHORT = {"anchor.rank": "k", "anchor.lam": "lam", "anchor.period": "s", "train.seed": "seed", "train.lr": "lr",
+         "train.max_steps": "steps"}
+
+
+def _steps(v: Any, where: str) -> list[int]:
+    v = [v] if isinstance(v, int) else list(v or [])
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
+        raise ConfigError(f"{where}: expected optimizer steps >= 1, e.g. [10, 20, 40]; got {v}")
+    return sorted(set(v))
+
+
+def sweep_key(key: str) -> str:
+    """The config key a sweep axis names: an alias (rank, lam, period, seed, ...), a full dotted key, or a bare
+    field of the anchor or train section (``budget`` -> ``anchor.budget``); unknown ones fail with the closest."""
+    from .config import ALIASES, _unknown, all_keys
+
+    keys = all_keys()
+    real = {"ranks": "anchor.rank"}.get(key) or ALIASES.get(key, key)
+    for cand in (real, f"anchor.{key}", f"train.{key}"):
+        if cand in keys:
+            return cand
+    raise ConfigError(f"sweep: {_unknown(key)}")
+
+
+def sweep_axes(sw: dict) -> list[tuple[str, list]]:
+    """[(config key, values), ...] of one sweep entry, in the order written."""
+    axes = []
+    for key, vals in sw.items():
+        if key in SWEEP_META:
+            continue
+        vals = vals if isinstance(vals, list) else [vals]
+        if not vals:
+            raise ConfigError(f"sweep {key}: the list of values is empty")
+        axes.append((sweep_key(str(key)), vals))
+    if not axes:
+        raise ConfigError(f"sweep over {sw.get('method')!r} names nothing to sweep; e.g. lam: [1, 10, 100]")
+    return axes
+
+
+def _value_name(v: Any) -> str:
+    if isinstance(v, str) and v.startswith("@"):
+        return Path(v[1:]).stem  # "@results/energy/ranks.json" -> "ranks"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
 
 
 def _as_list(v: Any) -> list[str]:
@@ -103,16 +177,26 @@ class Run:
     overrides: list[str]
     k: Any = None
     aliases: list[str] = field(default_factory=list)  # other requested names with the same resolved config
+    family: str | None = None  # the curve this run's points belong to in the frontier plot
+    eval_steps: list[int] = field(default_factory=list)
+    seed: int | None = None
 
 
 def plan_runs(cfg: CompareConfig) -> list[Run]:
     """One run per method, plus one per swept k; runs with identical resolved configs are trained once."""
-    runs = [Run(m.get("label", m["name"]), [f"method={m['name']}", *_as_list(m.get("set", []))])
+    import itertools
+
+    runs = [Run(m.get("label", m["name"]), [f"method={m['name']}", *_as_list(m.get("set", []))],
+                family=m.get("family", m.get("label")), eval_steps=_steps(m.get("eval_steps", cfg.eval_steps), "eval_steps"))
             for m in cfg.methods]
-    if cfg.sweep:
-        for k in cfg.sweep["ranks"]:
-            runs.append(Run(f"{cfg.sweep['method']}-k{k}", [f"method={cfg.sweep['method']}", f"anchor.rank={k}",
-                                                             *_as_list(cfg.sweep.get("set", []))], k=k))
+    for sw in cfg.sweep:
+        axes = sweep_axes(sw)
+        for combo in itertools.product(*[vals for _, vals in axes]):
+            parts = "-".join(f"{SHORT.get(k, k.split('.')[-1])}{_value_name(v)}" for (k, _), v in zip(axes, combo))
+            runs.append(Run(f"{sw.get('label', sw['method'])}-{parts}",
+                            [f"method={sw['method']}", *_as_list(sw.get("set", [])),
+                             *[f"{k}={v}" for (k, _), v in zip(axes, combo)]],
+                            family=sw.get("label"), eval_steps=_steps(sw.get("eval_steps", cfg.eval_steps), "eval_steps")))
     seen: dict[str, Run] = {}
     out = []
     for r in runs:
@@ -120,9 +204,13 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
         d = to_dict(train_cfg)
         d.pop("output_dir")
         key = json.dumps(d, sort_keys=True, default=str)
-        r.k = r.k if r.k is not None else anchored_rank(train_cfg)
+        r.k = anchored_rank(train_cfg)
+        r.seed = train_cfg.train.seed
+        if r.family is None:  # one curve per method and anchored rank: "sft", "l2init", "rpsft k=128", "rpsft k=ranks"
+            r.family = train_cfg.method + ("" if r.k in (0, "full") else f" k={_value_name(r.k)}")
         if key in seen:
             seen[key].aliases.append(r.name)
+            seen[key].eval_steps = sorted(set(seen[key].eval_steps) | set(r.eval_steps))
             continue
         seen[key] = r
         out.append(r)
@@ -187,10 +275,24 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
     runs = plan_runs(cfg)
     base_cfg = load_config(cfg.train_config, cfg.train_set)
     base_model = base_cfg.model.name
+    for r in runs:  # a rank map that is not there fails now, not after the runs before it have trained
+        rank = _train_config(cfg, r, root).anchor.rank
+        if isinstance(rank, str) and rank.startswith("@") and not Path(rank[1:]).expanduser().is_file():
+            raise ConfigError(f"run {r.name}: rank map {rank[1:]} does not exist; write it first with "
+                              f"`rpsft analyze energy ... --out {Path(rank[1:]).parent}`")
+    if cfg.id.teacher_forced:  # its data file too: a missing one fails now, not after hours of training
+        from .frontier import teacher_forced_data
+
+        try:
+            teacher_forced_data(cfg.id.teacher_forced, cfg.eval_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"id.teacher_forced: {e}") from None
     log(f"compare: {len(runs)} training runs ({', '.join(r.name for r in runs)}) on {base_model}")
 
     results: dict[str, dict] = {}
-    models = {"base": base_model}
+    models = {"base": base_model}  # final weights of every run (rotation and drift are measured on these)
+    points = {"base": base_model}  # everything evaluated: the runs' intermediate checkpoints too
+    run_keys = {"base": None}
     for r in runs:
         tcfg = _train_config(cfg, r, root)
         run_dir = Path(tcfg.output_dir)
@@ -199,31 +301,60 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         stage_file = root / "stages" / r.name / "train.json"
         # A finished run whose config has changed since is stale: start it over. An unfinished one resumes from
         # its last checkpoint (train's resume guard refuses, with the diff, if its config was changed meanwhile).
+        steps = [s for s in r.eval_steps if tcfg.train.max_steps <= 0 or s < tcfg.train.max_steps]
+        key = {**key, "eval_steps": steps}
         stale = _stored(stage_file, key)[1]
 
-        def do_train(tcfg=tcfg, run_dir=run_dir, stale=stale):
+        def do_train(tcfg=tcfg, run_dir=run_dir, stale=stale, steps=steps):
+            from .frontier import SavePoints
+
             resume = "latest" if not stale and latest_checkpoint(run_dir) is not None else None
-            return train(tcfg, resume=resume, overwrite=resume is None, progress=True)
+            out = train(tcfg, resume=resume, overwrite=resume is None, progress=True,
+                        extra_callbacks=[SavePoints(steps, run_dir / "points")] if steps else None)
+            if not cfg.keep_checkpoints:  # finished: the final weights are in run_dir; optimizer states only fill the disk
+                import shutil
 
-        results[r.name] = {"train": _stage(stage_file, do_train, log,
-                                           f"train {r.name}", key=key), "k": r.k, "method": tcfg.method}
-        models[r.name] = eval_model_path(run_dir)
+                for ck in run_dir.glob("checkpoint-*"):
+                    shutil.rmtree(ck)
+            return out
 
-    for name, model in models.items():
-        res = results.setdefault(name, {"k": None, "method": "base"})
+        tr = _stage(stage_file, do_train, log, f"train {r.name}", key=key)
+        common = {"k": r.k, "method": tcfg.method, "family": r.family, "seed": r.seed, "run": r.name,
+                  "aliases": r.aliases}
+        for s in steps:
+            point = run_dir / "points" / f"step-{s}"
+            if s < tr["global_step"] and point.is_dir():
+                name = f"{r.name}@{s}"
+                results[name] = {**common, "step": s, "final": False}
+                points[name] = str(point)
+                run_keys[name] = key
+        results[r.name] = {"train": tr, **common, "step": tr["global_step"], "final": True}
+        models[r.name] = points[r.name] = eval_model_path(run_dir)
+        run_keys[r.name] = key
+
+    from .frontier import probe_stage, teacher_forced_stage
+
+    for name, model in points.items():
+        res = results.setdefault(name, {"k": None, "method": "base", "family": "base", "step": 0, "final": True})
         stage_dir = root / "stages" / name
+        # the run's training config is part of every evaluation's key: a retrained run (same path) is re-evaluated
+        tkey = run_keys.get(name)
         if cfg.id.suites or cfg.id.optional:
             res["id"] = _stage(stage_dir / "eval-id.json", lambda m=model, n=name: _eval(cfg, cfg.id, m, root, n, "id"),
-                               log, f"eval-id {name}", key=[model, cfg.id])
-        if cfg.ood.suites or cfg.ood.optional:
+                               log, f"eval-id {name}", key=[model, cfg.id, tkey])
+        if cfg.id.teacher_forced:
+            res["id_tf"] = _stage(stage_dir / "eval-id-tf.json",
+                                  lambda m=model: teacher_forced_stage(cfg, m), log, f"eval-id-tf {name}",
+                                  key=[model, cfg.id.teacher_forced, cfg.id.limit, tkey])
+        # log-likelihood multiple choice on final points only: it moves little between checkpoints and costs most
+        if (cfg.ood.suites or cfg.ood.optional) and res.get("final"):
             res["ood"] = _stage(stage_dir / "eval-ood.json",
                                 lambda m=model, n=name: _eval(cfg, cfg.ood, m, root, n, "ood"), log, f"eval-ood {name}",
-                                key=[model, cfg.ood])
+                                key=[model, cfg.ood, tkey])
         if cfg.probe and name != "base":
-            from .eval.probe import forgetting_probe
-
-            res["probe"] = _stage(stage_dir / "probe.json", lambda m=model: _strip(forgetting_probe(base_model, m)),
-                                  log, f"probe {name}", key=[base_model, model])
+            res["probe"] = _stage(stage_dir / "probe.json", lambda m=model: probe_stage(
+                cfg, base_model, m, root / "stages" / "base" if cfg.probe_cache else None),
+                                  log, f"probe {name}", key=[base_model, model, cfg.probe_prompts, cfg.probe_max_new_tokens, cfg.probe_cache, tkey])
     tuned = [n for n in models if n != "base"]
     analysis = {}
     if cfg.rotation and tuned:
@@ -250,13 +381,19 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         analysis["drift"] = _stage(root / "stages" / "drift.json", do_drift, log, "drift analysis",
                                    key=[base_model, [models[n] for n in tuned], cfg.drift_data, cfg.drift_limit])
 
-    summary = build_summary(cfg, results, analysis, models)
+    summary = build_summary(cfg, results, analysis, points)
+    from .frontier import render_frontier, write_frontier
+
+    summary["frontier"] = write_frontier(root, results, cfg.forgetting, cfg.bootstrap)
     io.write_json(root / "summary.json", summary)
-    io.write_text(root / "table.md", render_table(summary))
-    plot_tradeoff(summary, root / "tradeoff.png")
-    if cfg.sweep:
-        plot_rank_sweep(summary, cfg.sweep["method"], root / "rank_sweep.png")
-    log(f"wrote {root / 'summary.json'}, {root / 'table.md'}, {root / 'tradeoff.png'}")
+    io.write_text(root / "table.md", render_table(summary) + "\n" + render_frontier(summary["frontier"], cfg.forgetting))
+    finals = {**summary, "rows": [r for r in summary["rows"] if r.get("final", True)]}
+    plot_tradeoff(finals, root / "tradeoff.png")
+    for sw in cfg.sweep:
+        if [k for k, _ in sweep_axes(sw)] == ["anchor.rank"]:
+            plot_rank_sweep(finals, sw["method"], root / "rank_sweep.png")
+    log(f"wrote {root / 'summary.json'}, {root / 'table.md'}, {root / 'frontier.json'}, {root / 'frontier.png'}, "
+        f"{root / 'tradeoff.png'}")
     return summary
 
 
@@ -287,9 +424,14 @@ def _eval(cfg: CompareConfig, spec: EvalSpec, model: str, root: Path, name: str,
     suites = [*spec.suites, *present]
     if not suites:
         return {"benchmarks": {}, "groups": {}, "skipped": absent}
+    out = root / "eval" / name / part
+    if _stored(root / "stages" / name / f"eval-{part}.json", None)[1] and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)  # samples of the model this point held before it was retrained: stale, not resumable
     s = run_eval(model, suites, k=spec.k, limit=spec.limit, greedy=spec.greedy, loglik=spec.loglik,
                  max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, eval_dir=cfg.eval_dir,
-                 out_dir=root / "eval" / name / part)
+                 out_dir=out, mc_protocol=spec.mc_protocol)
     return {"benchmarks": s["benchmarks"], "groups": s.get("groups", {}), "wall_s": s.get("wall_s"),
             "samples": s.get("samples"), "skipped": [*absent, *(s.get("skipped") or [])]}
 
@@ -313,7 +455,9 @@ def build_summary(cfg: CompareConfig, results: dict, analysis: dict, models: dic
     drift = {m["label"]: m["centroid_distance"] for m in (analysis.get("drift") or {}).get("models", [])}
     rows = []
     for name, res in results.items():
-        row = {"run": name, "method": res.get("method"), "k": res.get("k"), "model": models.get(name)}
+        row = {"run": name, "method": res.get("method"), "k": res.get("k"), "model": models.get(name),
+               "family": res.get("family"), "step": res.get("step"), "seed": res.get("seed"),
+               "final": res.get("final", True)}
         for part in ("id", "ood"):
             benches = (res.get(part) or {}).get("benchmarks", {})
             for b, v in benches.items():
@@ -321,6 +465,9 @@ def build_summary(cfg: CompareConfig, results: dict, analysis: dict, models: dic
                 if "pass_at_k" in v:
                     row[f"{part}:{b}:pass@k"] = float(v["pass_at_k"])
             vals = [_score(v) for v in benches.values() if _score(v) is not None]
+            if part == "id" and res.get("id_tf"):  # teacher-forced exact match is one more ID score
+                row["id:tf-exact"] = res["id_tf"]["accuracy"]
+                vals.append(res["id_tf"]["accuracy"])
             row[f"{part}_avg"] = sum(vals) / len(vals) if vals else None
         if "probe" in res:
             row["probe_kl"] = res["probe"]["kl"]
@@ -344,7 +491,7 @@ def build_summary(cfg: CompareConfig, results: dict, analysis: dict, models: dic
     if base:
         for r in rows:
             r["delta"] = {k: (r[k] - base[k]) for k, v in r.items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("k",)
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("k", "step", "seed")
                           and isinstance(base.get(k), (int, float)) and r is not base}
     return {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": _cfg_dict(cfg), "rows": rows}
 
@@ -380,8 +527,9 @@ def render_table(summary: dict) -> str:
                 cell += f" ({'+' if d >= 0 else ''}{_fmt(d, c in pct)})"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
+    proto = ((summary.get("config") or {}).get("ood") or {}).get("mc_protocol", "paper")
     lines += ["", "Scores in % (ID: Avg@k; Pass@k has its own column where it differs, i.e. k > 1; OOD: "
-              "log-likelihood MC accuracy); (Δ vs base). "
+              f"log-likelihood MC accuracy, acc_norm, {proto} protocol); (Δ vs base). "
               "probe_kl: mean per-token KL(base‖tuned) on the shipped general prompts (lower = less forgetting); "
               "rotation_deg: mean principal angle of the top-K left singular subspaces vs base; drift: centroid "
               "distance of pooled hidden states.", "", "| run | train s | steps/s | samples/s | anchor MiB | "

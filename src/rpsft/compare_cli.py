@@ -29,9 +29,13 @@ def compare(
     def go():
         cfg = load_compare_config(config, set_)
         if plan:
-            for r in plan_runs(cfg):
-                console.print(f"{r.name}: {' '.join(r.overrides)}" + (f"  (also: {', '.join(r.aliases)})"
-                                                                      if r.aliases else ""), highlight=False)
+            runs = plan_runs(cfg)
+            for r in runs:
+                console.print(f"{r.name}: {' '.join(r.overrides)}  [family {r.family}, seed {r.seed}"
+                              + (f", also evaluated at steps {r.eval_steps}" if r.eval_steps else "") + "]"
+                              + (f"  (also: {', '.join(r.aliases)})" if r.aliases else ""), highlight=False)
+            console.print(f"{len(runs)} training runs, {len(runs) + sum(len(r.eval_steps) for r in runs) + 1} "
+                          "evaluated points (with the base)", highlight=False)
             return
         summary = run_compare(cfg, log=lambda m: console.print(m, highlight=False))
         console.print((Path(cfg.output_dir) / "table.md").read_text(), highlight=False)

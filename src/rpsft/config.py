@@ -49,8 +49,14 @@ class AnchorConfig:
     svd: str = "exact"  # exact | gram | randomized
     niter: int = 8  # power iterations for svd=randomized
     dtype: str = "float32"  # precision of bases and penalty (float64 for the precision study)
+    frame_dtype: str = "fp32"  # storage of U_k, V_k: fp32 | bf16 | fp16 (lean frames + exact k×k A_ref, rpsft.frames)
     cache_dir: str | None = None  # default: <cache root>/bases
     mode: str = "auto"  # closed_form (∇R added to .grad) | autograd (λR in the last micro-batch loss) | auto
+    budget: float | None = None  # ε: adapt λ to hold the relative drift d of the anchored block at ε (rpsft.budget)
+    budget_scope: str = "all"  # all: one d and λ for the block | type: one per matrix type (q_proj, k_proj, ...)
+    budget_rate: float = 0.2  # the controller changes λ by at most ×e^±rate per anchored step
+    lam_min: float = 1e-6  # bounds of the adapted λ (> 0: a multiplicative controller cannot leave 0)
+    lam_max: float = 1e6
 
 
 @dataclass
@@ -296,9 +302,14 @@ def validate(cfg: Config) -> None:
         (a.svd in ("exact", "gram", "randomized"), f"anchor.svd must be exact, gram or randomized, got {a.svd!r}"),
         (a.mode in ("auto", "closed_form", "autograd"), f"anchor.mode must be auto, closed_form or autograd, got "
                                                           f"{a.mode!r}"),
+        (a.frame_dtype in ("fp32", "bf16", "fp16"), f"anchor.frame_dtype must be fp32, bf16 or fp16, got "
+                                                    f"{a.frame_dtype!r}"),
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
     raise_first_failed(checks)
+    from .budget import check_budget_config
+
+    check_budget_config(a)
     from .preflight import check_values
 
     check_values(cfg)  # finiteness, ranges, non-empty paths and targets, rank syntax: before anything loads

@@ -85,3 +85,24 @@ def assign_owners(shapes: list[tuple[int, int]], ks: list[int], world_size: int)
 def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     dist.broadcast(t, src=src)
     return t
+
+
+def _backend_device_types(backend: str) -> set[str]:
+    """Device types a process-group backend string serves: ``nccl`` -> {cuda}; ``gloo`` -> {cpu, cuda};
+    ``cuda:nccl,cpu:gloo`` (what accelerate creates for FSDP2 with FULL_STATE_DICT) -> {cuda, cpu}."""
+    backend = backend.lower()
+    if ":" in backend:
+        return {part.split(":", 1)[0].strip() for part in backend.split(",") if ":" in part}
+    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu"}}.get(backend, {"cpu", "cuda"})
+
+
+def collective_device(preferred: torch.device, group=None) -> torch.device:
+    """Where a buffer for a collective on ``group`` must live: ``preferred`` when the backend serves that device
+    type, else the backend's device. A DeepSpeed or plain multi-GPU launch creates an NCCL-only group, which has
+    no CPU backend, so a CPU buffer there fails ("No backend type associated with device type cpu")."""
+    types = _backend_device_types(str(dist.get_backend(group)))
+    if preferred.type in types:
+        return preferred
+    if "cuda" in types:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -6,6 +6,11 @@ SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers can read GGUF, but the result
 ``LlamaForCausalLM`` checkpoint (safetensors) under the user's cache directory. Every later load is a plain
 ``from_pretrained`` of that directory. Any other name is passed to ``from_pretrained`` unchanged (a local
 directory or a hub id).
+
+Provenance: the embedded checkpoint is the Q4_1-quantised model de-quantised to fp32 (the 210 projection
+matrices are Q4_1, the tied embedding Q8_0), not the original bf16 weights; every weight-dependent number the
+project quotes for it (accuracies, losses, spectra) is for this checkpoint. See docs/eval.md, "The embedded
+model".
 """
 
 from __future__ import annotations

@@ -73,6 +73,8 @@ class DAPOSection:
     use_vllm: bool | None = None  # None: vLLM when it is installed and a GPU is present
     vllm_mode: str = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
+    vllm_max_model_length: int | None = None  # None: longest prompt (tokens) + max_completion_length; a model's
+    #                                           own default (131k for Llama-3.1) leaves no room for the KV cache
 
 
 @dataclass
@@ -185,6 +187,11 @@ def load_rl_config(path: str | Path | None = None, overrides: list[str] | None =
 
 
 def validate_rl(cfg: RLConfig) -> None:
+    from .budget import check_budget_config, check_budget_method
+
+    check_budget_config(cfg.anchor)
+    check_budget_method(cfg.anchor, "rpsft rl with anchor.enabled=false", bool(cfg.anchor.enabled),
+                        fix="set anchor.enabled=true, or drop anchor.budget")
     d, t = cfg.dapo, cfg.train
     per_step = d.prompts_per_step * d.num_generations
     checks = [
@@ -214,6 +221,9 @@ def validate_rl(cfg: RLConfig) -> None:
         (cfg.data.system_prompt in ("auto", "boxed", "file", "none"),
          f"data.system_prompt must be auto, boxed, file or none, got {cfg.data.system_prompt!r}"),
         (cfg.anchor.lam >= 0 and cfg.anchor.period >= 1, "anchor.lam must be >= 0 and anchor.period >= 1"),
+        (d.vllm_max_model_length is None or d.vllm_max_model_length > d.max_completion_length,
+         f"dapo.vllm_max_model_length ({d.vllm_max_model_length}) must exceed dapo.max_completion_length "
+         f"({d.max_completion_length}) to leave room for the prompt"),
     ]
     raise_first_failed(checks)
 
@@ -289,7 +299,7 @@ def _trainer_class():
         """
 
         def __init__(self, *args, correctness=None, dynamic_sampling: bool = True, max_gen_rounds: int = 3,
-                     anchor=None, anchor_weight: float = 1.0, anchor_period: int = 1, **kwargs):
+                     anchor=None, anchor_weight: float = 1.0, anchor_period: int = 1, anchor_budget=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.correctness = correctness
             self.dynamic_sampling = bool(dynamic_sampling)
@@ -297,6 +307,12 @@ def _trainer_class():
             self.anchor = anchor if anchor is not None and len(anchor) else None
             self.anchor_weight = float(anchor_weight)
             self.anchor_period = int(anchor_period)
+            self.anchor_budget = anchor_budget if self.anchor is not None else None  # rpsft.budget: adaptive λ
+            if self.anchor_budget is not None:
+                from .budget import budget_callback
+
+                self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
+                self.add_callback(budget_callback(self.anchor_budget))
             self._refill_order: list[int] = []
             self._refill_gen = torch.Generator().manual_seed(int(self.args.seed) + 1)
             if self.dynamic_sampling:
@@ -319,6 +335,10 @@ def _trainer_class():
                 self._metrics["train"]["rpsft/penalty"].append(r)
                 for t, v in self.anchor.relative_drift_by_type().items():
                     self._metrics["train"][f"rpsft/drift/{t}"].append(v)
+                if self.anchor_budget is not None:
+                    self.anchor_weight = self.anchor_budget.update(self.anchor)
+                    for key, v in self.anchor_budget.log_values().items():
+                        self._metrics["train"][key].append(v)
             return loss
 
         # ---------------------------------------------------- dynamic sampling
@@ -415,7 +435,8 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
         use_vllm=use_vllm,
     )
     if use_vllm:
-        kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization)
+        kwargs.update(vllm_mode=d.vllm_mode, vllm_gpu_memory_utilization=d.vllm_gpu_memory_utilization,
+                      vllm_max_model_length=d.vllm_max_model_length)
     kwargs.update(overrides)
     return GRPOConfig(**kwargs)
 
@@ -425,14 +446,36 @@ def build_trainer(cfg: RLConfig, model, tokenizer, dataset, output_dir: str | Pa
     """The DAPO trainer for ``model`` on ``dataset`` (rows ``{"prompt", "gold"}``)."""
     from .rl_rewards import build_reward_funcs
 
+    from .budget import BudgetController
+
     d = cfg.dapo
     funcs, weights, correctness = build_reward_funcs(d.max_completion_length, d.overlong_buffer,
                                                      d.overlong_penalty, d.judge_timeout_s)
-    args = build_grpo_config(cfg, output_dir, weights, use_vllm_default(d.use_vllm), **grpo_overrides)
+    use_vllm = use_vllm_default(d.use_vllm)
+    if use_vllm and d.vllm_max_model_length is None:
+        grpo_overrides.setdefault("vllm_max_model_length", vllm_max_model_length(cfg, tokenizer, dataset))
+    args = build_grpo_config(cfg, output_dir, weights, use_vllm, **grpo_overrides)
     return _trainer_class()(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                             processing_class=tokenizer, correctness=correctness,
                             dynamic_sampling=d.dynamic_sampling, max_gen_rounds=d.max_gen_rounds,
-                            anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period)
+                            anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period,
+                            anchor_budget=BudgetController.from_config(cfg.anchor) if anchor is not None else None)
+
+
+def vllm_max_model_length(cfg: RLConfig, tokenizer, dataset) -> int:
+    """The context vLLM must hold: the longest chat-rendered prompt plus ``max_completion_length``, rounded up to
+    a multiple of 256. Without it vLLM sizes its KV cache for the model's own maximum (131k tokens for
+    Llama-3.1), which does not fit in the co-located engine's share of GPU memory."""
+    texts = (tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) for row in dataset)
+    longest = max((len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts), default=0)
+    need = longest + cfg.dapo.max_completion_length
+    return -(-need // 256) * 256
+
+
+def _is_main() -> bool:
+    """Rank 0 of an ``accelerate launch`` / torchrun job (or the only process): the one that evaluates and
+    writes run.json. Read from the environment, so it is known before the Trainer exists."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 # -------------------------------------------------------------------------------------------------------- run
@@ -514,7 +557,10 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     from .models import load_model
     from .train import build_anchor, install_callbacks
 
+    from .launch import check_launch
+
     validate_rl(cfg)
+    check_launch(bool(cfg.anchor.enabled))
     out = Path(cfg.output_dir)
     # data first: a bad file fails in a second, not after loading weights
     prompts = load_prompts(cfg)
@@ -527,7 +573,9 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     use_vllm = use_vllm_default(cfg.dapo.use_vllm)
 
     summary: dict[str, Any] = {"init": cfg.init, "output_dir": str(out)}
-    if cfg.eval.enabled and cfg.eval.before:
+    # evaluations and run.json on rank 0 only: each rank would start its own vLLM engine and append to one file
+    main = _is_main()
+    if cfg.eval.enabled and cfg.eval.before and main:
         summary["eval_before"] = _evaluate(cfg, cfg.init, out / "eval-init", use_vllm)
 
     import datasets
@@ -539,6 +587,8 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         anchor = build_anchor(model, cfg, progress=progress)  # frames of the init (SFT) weights; cached bases
         anchor = anchor if len(anchor) else None
     trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
+    if ckpt is not None and trainer.anchor_budget is not None and trainer.anchor_budget.load(ckpt):
+        trainer.anchor_weight = trainer.anchor_budget.weight(trainer.anchor.terms)
     install_callbacks(trainer, out, _progress_callback(console) if progress else None, extra_callbacks)
 
     t0 = time.perf_counter()
@@ -546,6 +596,9 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     train_s = time.perf_counter() - t0
     trainer.save_model(str(out))
     steps = trainer.state.global_step
+    # from drift(): works on FSDP2 shards too (every rank takes part in its all-reduce); penalty() does not
+    final_penalty = None if anchor is None else \
+        sum(v["abs"] ** 2 for v in anchor.drift(trainer.accelerator.unwrap_model(trainer.model)).values())
     start = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
     summary.update({
         "global_step": steps,
@@ -555,13 +608,15 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         "generation": "vllm" if use_vllm else "transformers",
         "anchor": None if anchor is None else {"matrices": len(anchor), "ranks": sorted(set(anchor.ranks.values())),
                                                "lam": cfg.anchor.lam,
-                                               "final_penalty": anchor.penalty(model).item()},
+                                               "final_penalty": final_penalty},
         "train": _train_stats(io.read_jsonl(out / "metrics.jsonl")),
         "resumed_from": str(ckpt) if ckpt else None,
         "metrics": str(out / "metrics.jsonl"),
         "config": rl_to_dict(cfg),
     })
     del trainer, model
+    if not main:
+        return summary
     if cfg.eval.enabled:
         summary["eval_after"] = _evaluate(cfg, str(out), out / "eval", use_vllm)
     io.write_json(out / "run.json", summary)

@@ -161,9 +161,30 @@ def load_rank_file(path: str | Path) -> dict:
 
 
 def resolve_ranks(matrices: list[tuple[str, tuple[int, int]]], rank: Any) -> dict[str, int]:
-    """k per matrix name from an int / fraction / mapping / '@file.json' spec."""
+    """k per matrix name from an int / fraction / mapping / '@file.json' spec.
+
+    A rank map file (``"@ranks.json"``, or ``{"@": "ranks.json", "*": 128}`` for a uniform k elsewhere) may
+    cover only some of the selected matrices (``rpsft analyze energy --matrices q_proj --layers 0``): the
+    others fall back to the mapping's ``"*"`` entry, or are left unanchored (k = 0); the log says which."""
+    from_file = None
     if isinstance(rank, str) and rank.startswith("@"):
-        rank = load_rank_file(rank)
+        from_file, rank = rank[1:], load_rank_file(rank)
+    elif isinstance(rank, dict) and "@" in rank:
+        from_file = str(rank["@"]).lstrip("@")
+        rank = {**load_rank_file(from_file), **{k: v for k, v in rank.items() if k != "@"}}
+    if isinstance(rank, dict) and from_file is not None:
+        absent = [n for n, _ in matrices if n not in rank
+                  and not any(p != "*" and pattern_matches(p, n) for p in rank)]
+        if absent:
+            import logging
+
+            how = f"anchored at k = {rank['*']} (its '*' entry)" if "*" in rank else \
+                "left unanchored (k = 0; add a '*' entry, e.g. anchor.rank={'@': FILE, '*': 128}, to anchor them)"
+            logging.getLogger("rpsft").warning(
+                "rank map %s covers %d of %d selected matrices; the other %d are %s",
+                from_file, len(matrices) - len(absent), len(matrices), len(absent), how)
+            if "*" not in rank:
+                rank = {**rank, "*": 0}
     if isinstance(rank, dict):
         out = {}
         for name, shape in matrices:

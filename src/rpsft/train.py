@@ -27,7 +27,9 @@ from trl import SFTConfig, SFTTrainer
 
 from . import guards, io, preflight
 from .anchor import RotationAnchor
+from .budget import BudgetController, budget_callback, check_budget_method, weighted_sum
 from .config import Config, dump_yaml, to_dict
+from .launch import check_launch, resolve_checkpointing
 from .models import cache_root, load_model, parse_dtype
 from .preflight import usable_cache_dir as guards_cache
 
@@ -38,7 +40,8 @@ class AnchoredSFTTrainer(SFTTrainer):
     """``SFTTrainer`` + a :class:`RotationAnchor` applied once per optimizer step (every ``anchor_period`` steps)."""
 
     def __init__(self, *args, anchor: RotationAnchor | None = None, anchor_weight: float = 1.0,
-                 anchor_period: int = 1, method_config: Config | None = None, anchor_mode: str = "auto", **kwargs):
+                 anchor_period: int = 1, method_config: Config | None = None, anchor_mode: str = "auto",
+                 anchor_budget: BudgetController | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.method_config = method_config  # the full run config, for methods with options of their own
         self.anchor = anchor if anchor is not None and len(anchor) else None
@@ -48,6 +51,12 @@ class AnchoredSFTTrainer(SFTTrainer):
         self._penalties: list[float] = []
         self._drift: dict[str, float] = {}
         self._last_logged_step = 0
+        # rotation budget (rpsft.budget): λ adapted each anchored step from the drift that pass measured
+        self.anchor_budget = anchor_budget if self.anchor is not None else None
+        self._weighted: list[float] = []  # λ_t·R_t of each anchored step (λ varies under a budget)
+        if self.anchor_budget is not None:
+            self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
+            self.add_callback(budget_callback(self.anchor_budget))
 
     def _resolve_mode(self, mode: str) -> str:
         """closed_form everywhere ∇R can be added to .grad; autograd under DeepSpeed ZeRO-1/2; ZeRO-3 refused."""
@@ -81,10 +90,13 @@ class AnchoredSFTTrainer(SFTTrainer):
         scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
         c = 1 if scaled else self.current_gradient_accumulation_steps
-        r = self.anchor.penalty(self.anchor_model(), record=True)
-        self._penalties.append(float(r.detach()))
-        self._drift = self.anchor.relative_drift_by_type()
-        extra = (self.anchor_weight * c) * r.to(out[0].dtype if return_outputs else out.dtype)
+        w = self.anchor_weight
+        r = self.anchor.penalty(self.anchor_model(), record=True, weight=w if isinstance(w, dict) else None)
+        if isinstance(w, dict):  # r is already Σ λ_i R_i
+            w = 1.0
+        self._penalties.append(sum(self.anchor.last_sq.values()))  # recorded with one host sync, not another
+        self._after_anchor()
+        extra = (w * c) * r.to(out[0].dtype if return_outputs else out.dtype)
         return (out[0] + extra, out[1]) if return_outputs else out + extra
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -93,8 +105,15 @@ class AnchoredSFTTrainer(SFTTrainer):
         if due:
             r = self.anchor.accumulate_grad_(self.anchor_model(), self.anchor_weight)
             self._penalties.append(r)
-            self._drift = self.anchor.relative_drift_by_type()
+            self._after_anchor()
         return loss
+
+    def _after_anchor(self) -> None:
+        """Bookkeeping after each anchor pass: drift per type, λ·R for the log, and the budget's λ for the next."""
+        self._drift = self.anchor.relative_drift_by_type()
+        self._weighted.append(weighted_sum(self.anchor_weight, self.anchor.last_sq))
+        if self.anchor_budget is not None:
+            self.anchor_weight = self.anchor_budget.update(self.anchor)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._penalties:
@@ -102,13 +121,16 @@ class AnchoredSFTTrainer(SFTTrainer):
                 # Trainer's logged loss is the mean over the logging window of each step's total, which here
                 # includes λR: take it out, so "loss" is the task loss in both modes (as with SFT and closed_form).
                 window = max(self.state.global_step - self._last_logged_step, 1)
-                logs["loss"] = round(logs["loss"] - self.anchor_weight * sum(self._penalties) / window, 6)
+                logs["loss"] = round(logs["loss"] - sum(self._weighted) / window, 6)
             r = sum(self._penalties) / len(self._penalties)
             logs["rpsft/penalty"] = r
-            logs["rpsft/weighted_penalty"] = self.anchor_weight * r
+            logs["rpsft/weighted_penalty"] = sum(self._weighted) / len(self._weighted)
             for t, v in self._drift.items():
                 logs[f"rpsft/drift/{t}"] = v
             self._penalties.clear()
+            self._weighted.clear()
+        if "loss" in logs and self.anchor_budget is not None:
+            logs.update(self.anchor_budget.log_values())
         if "loss" in logs:
             self._last_logged_step = self.state.global_step
         super().log(logs, start_time)
@@ -182,6 +204,7 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
     gpu = on_gpu()
     bf16 = t.bf16 if t.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
     gc = t.gradient_checkpointing if t.gradient_checkpointing is not None else gpu
+    gc = resolve_checkpointing(bool(gc))  # FSDP's own activation checkpointing (accelerate config) wins
     kwargs = dict(
         output_dir=str(output_dir),
         learning_rate=t.lr,
@@ -204,8 +227,9 @@ def common_trainer_kwargs(t: Any, output_dir: str | Path) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    if gc:  # only when wanted: transformers 5 warns about the old field name whenever it is passed
-        kwargs["gradient_checkpointing"] = True
+    # always explicit, under the new name: TRL's configs default the deprecated `gradient_checkpointing` to True,
+    # which transformers copies into `activation_checkpointing` when that is left unset (it was on, on CPU too)
+    kwargs["activation_checkpointing"] = bool(gc)
     return kwargs
 
 
@@ -231,9 +255,10 @@ def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
     a = cfg.anchor
     cache = a.cache_dir if a.cache_dir is not None else str(cache_root() / "bases")
     cache = guards_cache(cache)  # read-only or not creatable: a warning, and no caching
-    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n) = ‖W − W0‖² exactly
+    rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n); with full_rank_as="l2": ‖W − W0‖² exactly
     return RotationAnchor.from_model(model, rank=rank, targets=a.targets, layers=a.layers, svd=a.svd,
-                                     dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress)
+                                     dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress,
+                                     frame_dtype=a.frame_dtype, full_rank_as="l2" if full_rank else "eq3")
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -305,6 +330,8 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
 
     method = get_method(cfg.method)
     use_anchor = method.anchor_enabled(cfg.anchor.enabled)
+    check_launch(use_anchor)  # accelerate settings the anchor cannot work with fail here, not after the bases
+    check_budget_method(cfg.anchor, f"method={cfg.method}", use_anchor)
     out = Path(cfg.output_dir)
     # paths, targets and ranks, then the data: all before the run directory is touched or the model loads
     preflight.check_data_path(cfg.data.train)
@@ -338,11 +365,14 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
     trainer_cls = method.trainer_class() if method.trainer_class is not None else AnchoredSFTTrainer
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, anchor=anchor,
                           anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg,
-                          anchor_mode=cfg.anchor.mode)
+                          anchor_mode=cfg.anchor.mode, anchor_budget=BudgetController.from_config(cfg.anchor))
     data_report = preflight.report_dropped(trainer, records, tokenizer, cfg.data.max_length, cfg.data.train)
     guard = guards.FiniteGuard(trainer, cfg.train.nan_policy, cfg.train.nan_max_skips, run_dir=out)
     extra_callbacks = [guard, guards.CheckpointSealer(), *(extra_callbacks or [])]
     install_callbacks(trainer, out, RichProgressCallback(console) if progress else None, extra_callbacks)
+    if ckpt is not None and trainer.anchor_budget is not None:
+        trainer.anchor_budget.load(ckpt)  # continue the λ trajectory where the checkpoint left it
+        trainer.anchor_weight = trainer.anchor_budget.weight(trainer.anchor.terms)
 
     t1 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
@@ -366,6 +396,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
         "anchor": None if anchor is None else {
             "matrices": len(anchor), "nbytes": anchor.nbytes, "ranks": sorted(set(anchor.ranks.values())),
             "lam": cfg.anchor.lam, "period": cfg.anchor.period,
+            **({} if trainer.anchor_budget is None else {"budget": trainer.anchor_budget.state_dict()}),
             # from drift(): works on FSDP2 shards too (every rank takes part in its all-reduce)
             "final_penalty": sum(v["abs"] ** 2 for v in anchor.drift(trainer.anchor_model()).values()),
         },

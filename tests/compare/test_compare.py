@@ -51,6 +51,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
     assert "gsm8k-nowhere.jsonl" in skipped
     table = render_table(summary)
     assert table.splitlines()[0].startswith("| run | k | id:synth-math")
+    assert "paper protocol" in table  # the OOD multiple-choice protocol is named under the table
+    assert "lm-eval protocol" in render_table({**summary, "config": {"ood": {"mc_protocol": "lm-eval"}}})
     # a second run redoes nothing: every stage is skipped
     logs.clear()
     run_compare(cfg, log=logs.append)
@@ -114,3 +116,63 @@ def test_tradeoff_plot_labels_coincident_runs_once(tmp_path, monkeypatch):
     assert (tmp_path / "t.png").stat().st_size > 1000
     # panel 1 (ID vs OOD): sft and rpsft coincide, lora has no OOD score; panel 2 (ID vs −KL): all apart
     assert notes == ["base", "sft, rpsft", "base", "sft", "rpsft", "lora"]
+
+
+def test_sweep_grid_names_keys_and_refuses_unknown_keys(tmp_path, tiny_model_dir, synth_data):
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text('{"model.layers.0.self_attn.q_proj.weight": 3}')
+    cfg = make_cfg(tmp_path, tiny_model_dir, synth_data, "methods=[{name: sft}]",
+                   f"sweep=[{{method: rpsft, lam: [0.5, 10], rank: [2, '@{ranks}']}}, {{method: sft, seed: [7]}}]",
+                   "eval_steps=[1]")
+    runs = plan_runs(cfg)
+    assert [r.name for r in runs] == ["sft", "rpsft-lam0.5-k2", "rpsft-lam0.5-kranks", "rpsft-lam10-k2",
+                                      "rpsft-lam10-kranks", "sft-seed7"]
+    assert [r.family for r in runs] == ["sft", "rpsft k=2", "rpsft k=ranks", "rpsft k=2", "rpsft k=ranks", "sft"]
+    assert runs[3].overrides[-2:] == ["anchor.lam=10", "anchor.rank=2"] and runs[5].seed == 7
+    assert all(r.eval_steps == [1] for r in runs)
+    # any config key: aliases, dotted keys, or a bare anchor./train. field (as `budget` will be once it exists)
+    from rpsft.compare import sweep_key
+
+    assert [sweep_key(k) for k in ("lam", "ranks", "niter", "warmup_ratio", "data.max_length")] == [
+        "anchor.lam", "anchor.rank", "anchor.niter", "train.warmup_ratio", "data.max_length"]
+    with pytest.raises(ConfigError, match="did you mean 'lam'"):
+        make_cfg(tmp_path, tiny_model_dir, synth_data, "sweep={method: rpsft, lamb: [1, 2]}")
+    with pytest.raises(ConfigError, match="names nothing to sweep"):
+        make_cfg(tmp_path, tiny_model_dir, synth_data, "sweep={method: rpsft}")
+    with pytest.raises(ConfigError, match="eval_steps"):
+        make_cfg(tmp_path, tiny_model_dir, synth_data, "eval_steps=[0, 2]")
+    # a missing teacher-forced data file or rank map fails before any training
+    with pytest.raises(ConfigError, match="id.teacher_forced: .*nowhere"):
+        run_compare(make_cfg(tmp_path, tiny_model_dir, synth_data, "id={teacher_forced: nowhere.jsonl}"))
+    with pytest.raises(ConfigError, match="rank map .*absent.json does not exist"):
+        run_compare(make_cfg(tmp_path, tiny_model_dir, synth_data, "sweep={method: rpsft, rank: ['@absent.json']}"))
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_frontier_of_a_lambda_grid_with_checkpoints_end_to_end(tmp_path, tiny_model_dir, synth_data, monkeypatch):
+    monkeypatch.setenv("RPSFT_SYNTH_DIR", str(synth_data["test"].parent))
+    cfg = make_cfg(tmp_path, tiny_model_dir, synth_data, "methods=[{name: sft}]",
+                   "sweep={method: l2init, lam: [0.1, 1000]}", "eval_steps=[2]", "rotation=false", "drift_limit=0",
+                   "train_set=[train.max_steps=4, train.warmup_ratio=0]",
+                   f"id={{teacher_forced: {synth_data['test']}, limit: 6}}", "bootstrap=200", "keep_checkpoints=false")
+    summary = run_compare(cfg, log=lambda m: None)
+    out = tmp_path / "out"
+    assert (out / "frontier.png").stat().st_size > 1000
+    rows = {r["point"]: r for r in json.loads((out / "frontier.json").read_text())["points"]}
+    assert set(rows) == {"base", "sft@2", "sft", "l2init-lam0.1@2", "l2init-lam0.1", "l2init-lam1000@2", "l2init-lam1000"}
+    assert (out / "runs" / "sft" / "points" / "step-2" / "config.json").is_file()
+    assert not list((out / "runs" / "sft").glob("checkpoint-*"))  # finished: optimizer states deleted
+    assert len(list((out / "stages" / "base").glob("base-logp-*.npy"))) == 1  # the base's probe side, computed once
+    assert rows["sft@2"]["step"] == 2 and rows["sft"]["step"] == 4 and not rows["sft@2"]["final"]
+    assert rows["l2init-lam1000@2"]["vs_sft"]["point"] == "sft@2" and rows["l2init-lam1000"]["vs_sft"]["point"] == "sft"
+    for r in rows.values():
+        for d in (r["id_gain"], r["probe_kl"], r["forgetting"]):
+            assert d["lo"] <= d["delta"] <= d["hi"]
+        assert r["id_gain"]["n"] == 6
+    assert rows["base"]["pareto"]  # nothing forgets less than the base itself
+    assert rows["sft"]["probe_kl"]["delta"] > 0 and rows["sft"]["probe_kl"]["n"] >= 200
+    # the KL a checkpoint has moved grows along training, and the strong anchor moves less than SFT does
+    assert rows["sft"]["probe_kl"]["delta"] > rows["sft@2"]["probe_kl"]["delta"]
+    assert rows["l2init-lam1000"]["probe_kl"]["delta"] < rows["sft"]["probe_kl"]["delta"]
+    assert "## Trade-off frontier" in (out / "table.md").read_text()
+    assert [r["run"] for r in summary["rows"] if not r["final"]] == ["sft@2", "l2init-lam0.1@2", "l2init-lam1000@2"]

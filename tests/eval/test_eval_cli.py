@@ -27,6 +27,17 @@ def test_cli_loglik(tiny_dir, eval_dir, tmp_path):
     assert "norm" in res.output and "chance" in res.output and "letter" in res.output
 
 
+def test_cli_lm_eval_protocol(tiny_dir, eval_dir, tmp_path):
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--suite", "gpqa_test", "--mc-protocol",
+                                   "lm-eval", "--eval-dir", str(eval_dir), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "lm-eval protocol" in res.output
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["mc_protocol"] == "lm-eval"
+    bad = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--suite", "gpqa_test", "--mc-protocol",
+                                   "harness", "--eval-dir", str(eval_dir), "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "mc_protocol must be one of" in bad.output
+
+
 def test_cli_missing_data_is_a_clear_error(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RPSFT_EVAL_DIR", str(tmp_path / "nowhere"))
     res = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--suite", "gpqa", "--out", str(tmp_path)])

@@ -46,3 +46,75 @@ def test_render_prompts_needs_chat_template(lm):
     bare.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         render_prompts(bare, [[{"role": "user", "content": "x"}]])
+
+
+def _manual_logprob(model, ctx_ids, cont_ids):
+    import torch
+
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ctx_ids + cont_ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return float(sum(lp[len(ctx_ids) - 1 + j, t] for j, t in enumerate(cont_ids)))
+
+
+def test_empty_context_conditions_on_bos_alone_and_batched(lm):
+    model, tok = lm
+    cont = "apple and more words"
+    ids = tok(cont, add_special_tokens=False).input_ids
+    expect = _manual_logprob(model, [tok.bos_token_id], ids)
+    alone = continuation_logprobs(model, tok, [("", cont)])
+    # batched with longer pairs: the empty-context row is left-padded; its first token must still see BOS
+    batched = continuation_logprobs(model, tok, [("Which is a fruit? A. apple B. car", "The answer is A"),
+                                                 ("", cont), ("Hello world, how are you today?", "car")],
+                                    batch_size=3)
+    cached = score_options(model, tok, "", [cont, "car"])
+    assert alone[0][1] == batched[1][1] == cached[0][1] == len(ids)
+    assert alone[0][0] == pytest.approx(expect, abs=1e-4)
+    assert batched[1][0] == pytest.approx(expect, abs=1e-4)
+    assert cached[0][0] == pytest.approx(expect, abs=1e-4)
+
+
+def test_empty_context_continuation_starting_with_bos_is_its_own_context(lm):
+    model, tok = lm
+    cont = tok.bos_token + "apple"
+    ids = tok(cont, add_special_tokens=False).input_ids
+    assert ids[0] == tok.bos_token_id
+    (lp, n), = continuation_logprobs(model, tok, [("", cont)])
+    assert n == len(ids) - 1 and lp == pytest.approx(_manual_logprob(model, ids[:1], ids[1:]), abs=1e-4)
+    with pytest.raises(ValueError, match="only the BOS"):
+        continuation_logprobs(model, tok, [("", tok.bos_token)])
+
+
+def test_lm_eval_pair_encoding_moves_trailing_whitespace(lm):
+    _, tok = lm
+    from rpsft.eval.loglik import lm_eval_encode_pair
+
+    a = lm_eval_encode_pair(tok, "Question: 2 + 3?\nAnswer: ", "5")
+    b = lm_eval_encode_pair(tok, "Question: 2 + 3?\nAnswer:", " 5")
+    assert a == b
+    ctx, cont = b
+    assert tok.decode(ctx) == "Question: 2 + 3?\nAnswer:" and tok.decode(cont) == " 5"
+    assert lm_eval_encode_pair(tok, "", "apple") == ([tok.bos_token_id], tok("apple").input_ids)
+
+
+def test_lm_eval_protocol_scores_question_answer_request(lm):
+    model, tok = lm
+    from rpsft.eval.loglik import lm_eval_question, score_mcq_lm_eval
+
+    item = {"id": "q", "gold": "B", "options": ["apple", "a cherry"], "labels": "AB", "prompt": [
+        {"role": "system", "content": "Please reason step by step."},
+        {"role": "user", "content": "Which is a fruit?\n\nChoices:\nA. apple\nB. a cherry\n\nPlease answer with "
+                                    "the single correct option letter (e.g., A)."}]}
+    assert lm_eval_question(item) == "Which is a fruit?"
+    (r,) = score_mcq_lm_eval(model, tok, [item])
+    assert r["context"] == "Question: Which is a fruit?\nAnswer:"
+    ctx = tok(r["context"]).input_ids
+    for opt, score, n in zip(item["options"], r["text_scores"], r["text_tokens"]):
+        cont = tok(" " + opt).input_ids
+        assert n == len(cont) and score == pytest.approx(_manual_logprob(model, ctx, cont), abs=1e-4)
+    ts = r["text_scores"]
+    assert r["pred_text"] == "AB"[int(ts[1] > ts[0])]
+    assert r["pred_norm"] == "AB"[int(ts[1] / 8 > ts[0] / 5)]  # per character, without the delimiter
+    assert r["correct_norm"] == (r["pred_norm"] == "B")
+    with pytest.raises(ValueError, match="Choices:"):
+        lm_eval_question({"id": "x", "prompt": [{"role": "user", "content": "no options here"}]})

@@ -166,3 +166,33 @@ def test_ifeval_sentence_counting_works_offline():
 def test_ifeval_unknown_instruction_is_an_error():
     with pytest.raises(ValueError, match="unknown IFEval instruction"):
         ifeval_loose("text", [{"instruction_id": "made:up", "kwargs": {}}])
+
+
+@pytest.mark.parametrize("pred,gold,expected", [
+    ("5 dollars", "5", True),  # unit words after a number: the number is the answer
+    ("5\\text{ dollars}", "5", True),
+    ("18 \\text{ square units}", "18", True),
+    ("5 pi", "5", False),  # a mathematical word is not a unit
+    ("5 x", "5", False),  # nor is a single letter (a variable)
+    ("1 2", "12", False),  # digits separated by a space are not one number (exact-match shortcut included)
+    ("12 000", "12000", True),  # ... except three-digit thousands groups
+    ("0.5000001", "0.5", False),  # relative tolerance 1e-9, not rounding to 6 decimals
+    ("2.0000000000001", "2", True),  # floating-point noise is still equal
+    ("0.0000001", "0.0000002", False),  # rounding to 6 decimals would make these equal
+    ("(1.0000001, 2)", "(1, 2)", False),
+    ("0.333333", "\\frac{1}{3}", False),  # a rounded decimal is a different value
+    ("2 < x \\le 5", "(2, 5]", True),  # inequality <-> interval
+    ("(2, \\infty)", "x > 2", True),
+    ("2 < x \\le 5", "(2, 5)", False),
+    ("\\textbf{(B)}\\ 12", "12", True),  # AMC choice with its value
+    ("(B) 12", "12", True),
+    ("\\textbf{(B)}\\ 13", "12", False),
+    ("\\textbf{(B)}", "12", False),  # a letter alone is not a value
+])
+def test_math_equal_edge_cases(pred, gold, expected):
+    assert math_equal(gold, pred) is expected
+
+
+def test_last_box_rule_kept_with_normalisation():
+    assert math_correct("\\boxed{12 dollars} no, \\boxed{\\textbf{(C)}\\ 13}", "13")
+    assert not math_correct("\\boxed{13} no, \\boxed{12 dollars}", "13")

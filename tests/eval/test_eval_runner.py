@@ -98,6 +98,40 @@ def test_loglik_mode(tiny_dir, eval_dir, tmp_path):
     assert again["generated_now"] == 0 and again["benchmarks"]["gpqa_test"] == b
 
 
+def test_lm_eval_protocol(tiny_dir, eval_dir, tmp_path):
+    out = tmp_path / "lm"
+    s = run_eval(str(tiny_dir), "gpqa_test,aime24", mc_protocol="lm-eval", out_dir=out, eval_dir=eval_dir)
+    assert s["mc_protocol"] == "lm-eval" and s["mode"] == "loglik" and "aime24" in s["skipped"]
+    b = s["benchmarks"]["gpqa_test"]
+    assert b["mc_protocol"] == "lm-eval" and b["acc_letter"] is None and b["acc"] == b["acc_text"]
+    rows = read_jsonl(out / "samples.jsonl")
+    assert all(r["context"].startswith("Question: ") and r["context"].endswith("\nAnswer:") for r in rows)
+    assert "Choices:" not in rows[0]["context"] and "letter_scores" not in rows[0]
+    assert b["acc_norm"] == sum(r["correct_norm"] for r in rows) / 3
+    # the protocol defines what a sample is: the paper protocol is refused in the same directory
+    with pytest.raises(RuntimeError, match="mc_protocol"):
+        run_eval(str(tiny_dir), "gpqa_test", loglik=True, out_dir=out, eval_dir=eval_dir)
+    paper = run_eval(str(tiny_dir), "gpqa_test", loglik=True, out_dir=tmp_path / "paper", eval_dir=eval_dir)
+    assert paper["mc_protocol"] == "paper" and paper["benchmarks"]["gpqa_test"]["mc_protocol"] == "paper"
+
+
+def test_run_json_without_mc_protocol_still_resumes(tiny_dir, eval_dir, tmp_path):
+    out = tmp_path / "ll"
+    run_eval(str(tiny_dir), "gpqa_test", loglik=True, out_dir=out, eval_dir=eval_dir)
+    cfg = json.loads((out / "run.json").read_text())
+    del cfg["mc_protocol"]  # written before the key existed: it was the paper protocol
+    (out / "run.json").write_text(json.dumps(cfg))
+    assert run_eval(str(tiny_dir), "gpqa_test", loglik=True, out_dir=out, eval_dir=eval_dir)["generated_now"] == 0
+
+
+def test_unknown_mc_protocol_is_refused(tiny_dir, eval_dir, tmp_path):
+    with pytest.raises(ValueError, match="mc_protocol must be one of paper, lm-eval"):
+        run_eval(str(tiny_dir), "gpqa_test", mc_protocol="harness", out_dir=tmp_path / "x", eval_dir=eval_dir)
+    with pytest.raises(ValueError, match="--mc-protocol lm-eval .*--backend hf"):
+        run_eval(str(tiny_dir), "gpqa_test", mc_protocol="lm-eval", backend="vllm", out_dir=tmp_path / "x",
+                 eval_dir=eval_dir)
+
+
 def test_probe_suite_needs_a_base(tiny_dir, eval_dir, tmp_path):
     with pytest.raises(ValueError, match="probe-base"):
         run_eval(str(tiny_dir), "probe", out_dir=tmp_path / "p", eval_dir=eval_dir)

@@ -14,8 +14,9 @@ from rpsft.methods.lora import wrap_lora
 from rpsft.methods.rpsft_lora import LoraRotationAnchor
 from rpsft.train import train
 
-# low-rank frames on most matrices, full rank (= ‖s·BA‖², "L2-Init on LoRA") on k_proj and down_proj
-RANKS = {"k_proj": 1.0, "down_proj": 1.0, "*": 4}
+# low-rank frames on most matrices; full rank on the square q/o (= ‖s·BA‖², no frame stored) and on the non-square
+# down_proj (Eq. 3 on its full-rank bases, which leaves the part of BA outside W0's row/column space free)
+RANKS = {"q_proj": 1.0, "o_proj": 1.0, "down_proj": 1.0, "*": 4}
 
 
 def setup(make_cfg, tiny_model_dir, *extra):
@@ -56,13 +57,18 @@ def test_factored_equals_dense_on_the_merged_weight(make_cfg, tiny_model_dir):
         assert ref[n] > 1e-3  # the adapters really moved every anchored matrix
     assert total == pytest.approx(sum(ref.values()), rel=1e-5)
     assert fact.penalty(peft).item() == pytest.approx(total, rel=1e-5)
-    # full rank: R = s²‖BA‖² = s²·tr((BᵀB)(AAᵀ)), checked here against the explicit product
-    name = "model.layers.1.mlp.down_proj.weight"
-    mod = peft.get_base_model().get_submodule("model.layers.1.mlp.down_proj")
+    # full rank of a square matrix: R = s²‖BA‖² = s²·tr((BᵀB)(AAᵀ)), checked here against the explicit product
+    name = "model.layers.1.self_attn.o_proj.weight"
+    mod = peft.get_base_model().get_submodule("model.layers.1.self_attn.o_proj")
     BA = mod.lora_B["default"].weight @ mod.lora_A["default"].weight
     assert fact.last_sq[name] == pytest.approx(float((3.0 * BA).pow(2).sum()), rel=1e-5)
     drift = fact.drift(peft)
     assert drift[name]["rel"] == pytest.approx((ref[name] / dense.terms[name].ref_sq) ** 0.5, rel=1e-5)
+    down = "model.layers.1.mlp.down_proj.weight"  # 32 × 48 at k = 32: bases, and Eq. 3 < ‖s·BA‖²
+    mod = peft.get_base_model().get_submodule("model.layers.1.mlp.down_proj")
+    BA = mod.lora_B["default"].weight @ mod.lora_A["default"].weight
+    assert not fact.terms[down].full and fact.terms[down].k == 32
+    assert fact.last_sq[down] < 0.9 * float((3.0 * BA).pow(2).sum())
     assert set(fact.relative_drift_by_type()) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"}
     # memory: frames only; at full rank nothing at all (W0 is LoRA's frozen base)

@@ -120,6 +120,21 @@ def test_two_steps_train_with_the_anchor_on(tiny_model_dir, synth_file, tmp_path
     assert logs[1]["rpsft/penalty"] > 0
 
 
+def test_rotation_budget_during_rl(tiny_model_dir, synth_file, tmp_path):
+    trainer, tok = make_trainer(tiny_model_dir, synth_file, tmp_path,
+                                {"anchor.enabled": "true", "anchor.rank": 4, "anchor.budget": 1e-6,
+                                 "anchor.lam": 0.5, "train.save_steps": 2, "train.max_steps": 3,
+                                 "dapo.max_completion_length": 24}, anchor=True)
+    trainer._generate_single_turn = Canned(tok, [[True, False, False, True]])
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "reward" in r]
+    lams = [r["rpsft/lambda"] for r in logs]
+    # step 1 measures W0; then RL drifts far beyond ε = 1e-6 and the controller raises λ every step
+    assert lams[0] == pytest.approx(0.5) and lams[2] > lams[1] > lams[0] and logs[2]["rpsft/drift"] > 1e-6
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "rpsft_budget.json").read_text())
+    assert saved["lam"]["all"] == pytest.approx(lams[1])
+
+
 def test_rl_cli_two_step_run(tiny_model_dir, synth_file, tmp_path):
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner

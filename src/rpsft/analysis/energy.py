@@ -5,8 +5,14 @@ For a weight W0 = U Σ Vᵀ (exact SVD of the *base* weight, R = min(m, n)) and 
     y(r) = Σ_t ‖U_rᵀ G_t V_r‖²_F / Σ_t ‖G_t‖²_F,        x(r) = r² / R²,
 
 is the share of the (empirical-Fisher) gradient energy that lands in the top-r × top-r block of the pretrained
-singular frame. Against the uniform reference y = x it shows whether the task gradient concentrates in the
-dominant frame (y > x) or avoids it (y < x), i.e. how much of the gradient an anchor of rank r would fight.
+singular frame. The reference is an isotropic random gradient (i.i.d. entries): any orthonormal U_r, V_r keep
+E‖U_rᵀ G V_r‖² = r²·σ² of E‖G‖² = m·n·σ², so
+
+    y_uniform(r) = r² / (m·n) = x(r) · R / max(m, n),
+
+the line y = x for a square matrix and y = (min/max)·x otherwise (ending at 0.5 on 128×64, at 576/1536 = 0.375
+on SmolLM2's MLP matrices). Above it the task gradient concentrates in the dominant frame, below it avoids it,
+i.e. it measures how much of the gradient an anchor of rank r would fight.
 Every r comes from one rotation B_t = Uᵀ G_t V: ‖U_rᵀ G_t V_r‖² is the sum of
 B_t² over the top-left r×r block, so the 2-D prefix sum (cumsum over rows, then columns) of Σ_t B_t² read on
 its diagonal gives the whole curve — one matrix product per sample instead of one per r.
@@ -47,6 +53,12 @@ class EnergyCurve:
         r = np.arange(1, self.R + 1, dtype=np.float64)
         return r * r / float(self.R * self.R)
 
+    @property
+    def uniform(self) -> np.ndarray:
+        """y(r) of an isotropic random gradient: r² / (m·n) (= x for square W, x·min/max otherwise)."""
+        r = np.arange(1, self.R + 1, dtype=np.float64)
+        return r * r / float(self.shape[0] * self.shape[1])
+
     def share(self, r: int) -> float:
         if not 1 <= r:
             raise ValueError(f"rank r={r} must be >= 1")
@@ -65,6 +77,7 @@ class EnergyCurve:
             "target": target, "rank_for_target": k, "x_at_rank": (k * k / self.R ** 2) if k else None,
             "y_at": {str(r): self.share(r) for r in (ranks or []) if r <= self.R},
             "y_at_R": float(self.y[-1]),  # < 1 for m != n: energy outside W0's column/row space
+            "uniform_at_R": self.R / max(self.shape),  # an isotropic gradient's y(R): the reference line's end
             "y": [float(v) for v in self.y],
         }
 

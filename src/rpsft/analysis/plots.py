@@ -40,7 +40,8 @@ def _type_colors(types):
 
 
 def plot_energy(report: dict, path: str | Path) -> None:
-    """Left: y(r) against x(r) = r²/R² with the y = x line (Fig. 2). Right: y against r with the target share."""
+    """Left: y(r) against x(r) = r²/R² with the isotropic-gradient reference y = x·min(m,n)/max(m,n) per aspect
+    ratio (Fig. 2; y = x for square W). Right: y against r with the target share."""
     import numpy as np
 
     plt = _plt()
@@ -65,7 +66,12 @@ def plot_energy(report: dict, path: str | Path) -> None:
             b.plot([k], [y[k - 1]], "o", color=color)
             if len(mats) == 1:  # several labels would collide; the legend carries r then
                 b.annotate(f"r={k}", (k, y[k - 1]), textcoords="offset points", xytext=(6, -12), fontsize=9)
-    a.plot([0, 1], [0, 1], "k--", lw=1, label="y = x (uniform energy)")
+    # an isotropic random gradient puts r²/(m·n) of its energy in the top r×r block: y = x·min(m,n)/max(m,n),
+    # one reference line per aspect ratio present (y = x only for square matrices)
+    for end in sorted({min(m["shape"]) / max(m["shape"]) for m in mats}, reverse=True):
+        a.plot([0, 1], [0, end], "k--" if end == 1 else "k:", lw=1,
+               label="y = x (isotropic gradient, square W)" if end == 1 else
+               f"y = {end:.3g}·x (isotropic gradient, min/max = {end:.3g})")
     a.set(xlabel="x(r) = r² / R²  (area of the anchored block)", ylabel="y(r)  (share of gradient energy)",
           xlim=(0, 1), ylim=(0, 1.02), title="Gradient energy in the top-r frame")
     b.axhline(report["target"], color="gray", ls=":", lw=1, label=f"target {report['target']:.0%}")

@@ -19,7 +19,8 @@ def print_summary(summary: dict, console=None) -> None:
 
     console = console or Console()
     loglik = summary.get("mode") == "loglik"
-    table = Table(title=f"rpsft eval: {summary['model']} ({summary['mode']}, %)",
+    proto = f", {summary.get('mc_protocol', 'paper')} protocol" if loglik else ""
+    table = Table(title=f"rpsft eval: {summary['model']} ({summary['mode']}{proto}, %)",
                   caption=None if loglik else "pass@k* = unbiased pass@k from n > k samples; ans = answer "
                   "extracted; flex = last-number grading (GSM8K); cut = hit max-new-tokens")
     table.add_column("benchmark", no_wrap=True)
@@ -51,7 +52,9 @@ def print_summary(summary: dict, console=None) -> None:
 
 def eval_command(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
-                              help="embedded model name, checkpoint directory (rpsft train output) or hub id"),
+                              help="embedded model name (smollm2-135m-instruct: de-quantised from a Q4_1 GGUF, not "
+                                   "the original bf16 weights; docs/eval.md), checkpoint directory (rpsft train "
+                                   "output) or hub id"),
     suite: str = typer.Option("id", "--suite", "-s",
                               help="id | ood | all | probe | benchmark names (comma-separated), NAME_test, a .jsonl "
                                    "path, hf:DATASET[:SPLIT]"),
@@ -67,6 +70,10 @@ def eval_command(
     top_p: float = typer.Option(0.95, "--top-p"),
     greedy: bool = typer.Option(False, "--greedy", help="greedy decoding (k becomes 1)"),
     loglik: bool = typer.Option(False, "--loglik", help="score multiple-choice options by log-likelihood"),
+    mc_protocol: str = typer.Option("paper", "--mc-protocol",
+                                    help="multiple-choice protocol: paper (the benchmark's chat prompt) or lm-eval "
+                                         "(lm-evaluation-harness's zero-shot 'Question: ... Answer:' log-likelihood "
+                                         "request; implies --loglik)"),
     eval_dir: Optional[str] = typer.Option(None, "--eval-dir",
                                            help="official files (id/, ood/); default $RPSFT_EVAL_DIR or "
                                                 "../shared/data/rpsft-eval"),
@@ -75,6 +82,14 @@ def eval_command(
                                                      "GSM8K rows, file otherwise)"),
     probe_base: Optional[str] = typer.Option(None, "--probe-base", help="base model for the 'probe' suite"),
     seed: int = typer.Option(0, "--seed"),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size",
+                                                       help="vLLM: GPUs one model is split over (default 1)"),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len",
+                                                help="vLLM: context to reserve KV cache for (default: the model's; "
+                                                     "lower it when a long-context model does not fit)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="vLLM: weight dtype, e.g. bfloat16 (default auto)"),
+    gpu_memory_utilization: Optional[float] = typer.Option(
+        None, "--gpu-memory-utilization", help="vLLM: fraction of GPU memory to use (default 0.85)"),
 ) -> None:
     """Evaluate a model: Avg@k / Pass@k on math and OOD benchmarks, log-likelihood multiple choice, or the
     forgetting probe. Interrupted runs resume from OUT/samples.jsonl."""
@@ -97,7 +112,11 @@ def eval_command(
             summary = run_eval(model, suite, k=k, limit=limit, backend=backend, out_dir=out,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                                batch_size=batch_size, seed=seed, eval_dir=eval_dir, n=n, loglik=loglik,
-                               system_prompt=system_prompt, probe_base=probe_base, progress=progress)
+                               system_prompt=system_prompt, probe_base=probe_base, progress=progress,
+                               vllm_options=dict(tensor_parallel_size=tensor_parallel_size,
+                                                 max_model_len=max_model_len, dtype=dtype,
+                                                 gpu_memory_utilization=gpu_memory_utilization),
+                               mc_protocol=mc_protocol)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             bar.stop()
             console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)

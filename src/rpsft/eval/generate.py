@@ -118,6 +118,29 @@ class VLLMGenerator:
         self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed, **llm_kwargs)
         self.tok = self.llm.get_tokenizer()
 
+    def close(self) -> None:
+        """Release the engine and its GPU memory now, not whenever the garbage collector gets to it: ``rpsft rl``
+        evaluates before training, and TRL's co-located vLLM engine needs that memory (and a clean vLLM
+        distributed state) when it starts."""
+        import gc
+
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        del llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # older / newer vLLM without these, or nothing initialised: nothing more to release
+            pass
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def generate_iter(self, texts: list[str], max_new_tokens: int, temperature: float = 0.7, top_p: float = 0.95,
                       greedy: bool = False, seed: int = 0, request_seeds: list[int] | None = None
                       ) -> Iterator[list[tuple[int, dict]]]:

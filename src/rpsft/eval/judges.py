@@ -5,6 +5,11 @@ the question instead of the answer).
 * math: the last ``\\boxed{}`` of the completion, compared with the gold answer by ``math-verify`` (gold first:
   ``verify`` is asymmetric). Every math-verify phase runs under a timeout, so a pathological answer (a 10^6-digit
   power, a nested radical sympy cannot simplify) costs at most a few seconds and is graded wrong, never hangs.
+  Around math-verify (:func:`normalize_answer`): unit words after a number are dropped (``5 dollars`` -> 5), an
+  AMC-style choice with its value keeps the value (``\\textbf{(B)}\\ 12`` -> 12), digits separated by a space
+  stay separate numbers (``1 2`` is not 12; ``12 000`` with three-digit groups is 12000), an inequality and an
+  interval compare as sets (``2 < x \\le 5`` = ``(2, 5]``), and a decimal must match to a relative tolerance of
+  ``NUMERIC_RTOL`` (1e-9) instead of math-verify's rounding to 6 decimals (under which 0.5000001 = 0.5).
 * multiple choice: a letter from the completion (boxed first, then "answer is X" style phrases, then a bare
   letter), restricted to the options that exist.
 * IFEval: ``if-verifiable``'s checkers, loose mode (the paper's IFEval-loose: a prompt passes when every
@@ -86,11 +91,57 @@ def _strip_dollars(s: str) -> str:
 
 
 def _plain(s: str) -> str:
-    """Cheap normal form for an exact-match fast path: no spaces, no $, no \\text{}, no trailing period."""
+    """Cheap normal form for an exact-match fast path: no spaces, no $, no \\text{}, no trailing period. A space
+    between two digits is kept (``1 2`` is two numbers, not 12)."""
     s = _strip_dollars(s)
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\[,;:! ]|\\left|\\right|\s+", "", s)
+    s = re.sub(r"\\[,;:! ]|\\left|\\right", "", s)
+    s = re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s)
     return s.rstrip(".").replace("dfrac", "frac").replace("tfrac", "frac")
+
+
+# Relative tolerance for a decimal answer against a number (math-verify alone rounds both to 6 decimals, which
+# makes 0.5000001 equal to 0.5 and 1e-7 equal to 2e-7). 1e-9 absorbs binary floating-point error in parsing
+# and nothing a model would write; a rounded decimal (0.333333 for 1/3) is a different value and graded wrong.
+NUMERIC_RTOL = 1e-9
+# Absolute rounding (decimals) math-verify applies to floats inside tuples, intervals and matrices.
+FLOAT_ROUNDING = 9
+
+_NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+_GAP = r"(?:\s|~|\\[ ,;:!]|\\quad)*"
+# words that are mathematics, not units: "5 pi" is 5*pi
+_MATH_WORDS = {"pi", "inf", "infty", "infinity", "sqrt", "ln", "log", "exp", "sin", "cos", "tan", "sec",
+               "csc", "cot", "mod", "and", "or", "to", "times", "cdot", "div"}
+_UNIT_RE = re.compile(rf"(?P<num>{_NUMBER}){_GAP}(?:\\(?:text|mathrm|mbox|textnormal)\s*\{{\s*)?"
+                      rf"(?P<words>[A-Za-z]{{2,}}(?:\s+[A-Za-z]{{2,}})*)\s*\}}?\s*\.?")
+_CHOICE_RE = re.compile(rf"(?:\\(?:textbf|text|mathrm|mathbf)\s*\{{\s*\(?[A-E]\)?\s*\}}|\([A-E]\)){_GAP}")
+_SPACED_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?: \d{3})+(?![\d.])")
+
+
+def normalize_answer(s: str) -> str:
+    """The normalisation around math-verify (module docstring): an AMC choice letter before a value is dropped,
+    a number followed only by unit words becomes the number, space-grouped thousands are joined."""
+    s = _strip_dollars(s)
+    m = _CHOICE_RE.match(s)
+    if m and s[m.end():].strip():
+        s = _strip_dollars(s[m.end():])
+    m = _UNIT_RE.fullmatch(s.strip())
+    if m and not {w.lower() for w in m.group("words").split()} & _MATH_WORDS:
+        s = m.group("num")
+    return _SPACED_THOUSANDS.sub(lambda t: t.group(0).replace(" ", ""), s)
+
+
+def _numbers_close(g, p) -> bool | None:
+    """For two plain numbers of which one is a decimal: equal within ``NUMERIC_RTOL``; otherwise None (let
+    math-verify decide)."""
+    from sympy import Float, Number
+
+    if not (isinstance(g, Number) and isinstance(p, Number) and (isinstance(g, Float) or isinstance(p, Float))):
+        return None
+    if not (g.is_finite and p.is_finite):
+        return None
+    diff = abs(g - p)
+    return bool(diff <= NUMERIC_RTOL * max(abs(g), abs(p)))
 
 
 def _verify_inline(gold: str, pred: str, timeout_s: int) -> bool:
@@ -104,7 +155,11 @@ def _verify_inline(gold: str, pred: str, timeout_s: int) -> bool:
     p = parse(f"\\boxed{{{pred}}}", parsing_timeout=timeout_s)
     if not p:
         return False
-    return bool(verify(g, p, timeout_seconds=timeout_s))
+    close = _numbers_close(g[0], p[0])
+    if close is not None:
+        return close
+    # allow_set_relation_comp: an inequality answer for an interval gold (and back) compares as sets
+    return bool(verify(g, p, float_rounding=FLOAT_ROUNDING, allow_set_relation_comp=True, timeout_seconds=timeout_s))
 
 
 # math-verify's timeouts are signal.alarm based and only work in the main thread; elsewhere (a reward function
@@ -158,8 +213,8 @@ def _verify_in_child(gold: str, pred: str, timeout_s: int) -> bool:
 
 def math_equal(gold: Any, pred: str, timeout_s: float = 5.0) -> bool:
     """Is ``pred`` (an extracted answer) equal to ``gold`` for math-verify? Bounded time; errors -> False."""
-    gold_s = _strip_dollars(_gold_str(gold))
-    pred = _strip_dollars(pred)
+    gold_s = normalize_answer(_gold_str(gold))
+    pred = normalize_answer(pred)
     if not gold_s or not pred:
         return False
     if _plain(gold_s) == _plain(pred):

@@ -1,8 +1,9 @@
 """Forgetting probe for small models: how far has the tuned model's next-token distribution moved away from the
 base model's on general (non-math) prompts?
 
-The base model answers the shipped prompts (``resources/probe_prompts.jsonl``, ~50 varied everyday requests)
-greedily once; those answers are cached per base model. Then, teacher-forcing the base answers through both
+The base model answers the shipped prompts (``resources/probe_prompts.jsonl``: 243 varied general-knowledge,
+writing, advice, reasoning, coding, language, safety and instruction-following requests written for this project;
+the measurements in docs/ quoted with 52 prompts used its first 52) greedily once; those answers are cached per base model. Then, teacher-forcing the base answers through both
 models, we report per answer token
 
 * ``kl``: mean KL(p_base || p_tuned) of the next-token distributions (0 for an unchanged model);

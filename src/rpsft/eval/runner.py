@@ -22,7 +22,9 @@ Progress = Callable[[str, int, int], None]
 
 # settings that change what a sample is; samples written under other values are not reused
 _RUN_KEYS = ("model", "model_fingerprint", "backend", "max_new_tokens", "temperature", "top_p", "greedy", "seed",
-             "system_prompt", "loglik")
+             "system_prompt", "loglik", "mc_protocol")
+# the value a key had before it was recorded (run.json files written before it existed)
+_RUN_DEFAULTS = {"mc_protocol": "paper"}
 
 
 def judge_completion(item: dict, completion: str, flex: bool = False, timeout_s: float = 5.0) -> dict:
@@ -58,7 +60,8 @@ def _check_run(out: Path, config: dict) -> None:
     path = out / "run.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), config.get(k)) for k in _RUN_KEYS if old.get(k) != config.get(k)}
+        diff = {k: (old.get(k, _RUN_DEFAULTS.get(k)), config.get(k)) for k in _RUN_KEYS
+                if old.get(k, _RUN_DEFAULTS.get(k)) != config.get(k)}
         if diff and (out / "samples.jsonl").is_file():
             raise RuntimeError(
                 f"{out} holds samples made with other settings {diff} (old, new); pass a new --out directory, "
@@ -83,7 +86,8 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
              temperature: float = 0.7, top_p: float = 0.95, greedy: bool = False, batch_size: int | None = None,
              seed: int = 0, eval_dir: str | Path | None = None, *, n: int | None = None, loglik: bool = False,
              system_prompt: str | None = None, probe_base: str | None = None, judge_timeout_s: float = 5.0,
-             device: str | None = None, progress: Progress | None = None) -> dict:
+             device: str | None = None, progress: Progress | None = None,
+             vllm_options: dict | None = None, mc_protocol: str = "paper") -> dict:
     """Evaluate ``model`` on ``suites``; writes ``out_dir/summary.json`` and ``out_dir/samples.jsonl`` and
     returns the summary.
 
@@ -91,12 +95,25 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     when more than k are wanted for the unbiased pass@k (default k). loglik: score multiple-choice options
     by log-likelihood instead of generating (non-multiple-choice benchmarks are skipped). system_prompt:
     "boxed" | "file" | "none" (default per benchmark, see loaders). probe_base: base model for the ``probe``
-    suite. progress(description, done, total) is called as work finishes."""
+    suite. progress(description, done, total) is called as work finishes. vllm_options: keyword arguments for
+    ``vllm.LLM`` with backend vllm (tensor_parallel_size, max_model_len, dtype, gpu_memory_utilization).
+    mc_protocol: "paper" (the benchmark's chat prompt) or "lm-eval" (lm-evaluation-harness's zero-shot
+    "Question: ... Answer:" request; implies loglik), see rpsft.eval.loglik."""
     t0 = time.time()
+    from rpsft.eval.loglik import MC_PROTOCOLS
+
+    if mc_protocol not in MC_PROTOCOLS:
+        raise ValueError(f"mc_protocol must be one of {', '.join(MC_PROTOCOLS)}, got {mc_protocol!r}")
+    loglik = loglik or mc_protocol == "lm-eval"  # lm-eval's multiple choice is log-likelihood scoring
     if backend not in ("hf", "vllm"):
         raise ValueError(f"backend must be 'hf' or 'vllm', got {backend!r}")
     if loglik and backend != "hf":
-        raise ValueError("--loglik scores options with the HF model's forward pass; use --backend hf")
+        raise ValueError(f"{'--mc-protocol lm-eval' if mc_protocol == 'lm-eval' else '--loglik'} scores options "
+                         f"with the HF model's forward pass; use --backend hf")
+    vllm_options = {key: v for key, v in (vllm_options or {}).items() if v is not None}
+    if vllm_options and backend != "vllm":
+        raise ValueError(f"{', '.join(sorted(vllm_options))} configure the vLLM engine; add --backend vllm or drop "
+                         "them")
     for name, v in (("k", k), ("n", n), ("limit", limit)):
         if v is not None and v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
@@ -132,7 +149,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
               "backend": backend, "max_new_tokens": None if loglik else max_new_tokens,
               "temperature": None if (greedy or loglik) else temperature,
               "top_p": None if (greedy or loglik) else top_p, "greedy": bool(greedy), "seed": seed,
-              "system_prompt": system_prompt, "loglik": bool(loglik)}
+              "system_prompt": system_prompt, "loglik": bool(loglik), "mc_protocol": mc_protocol}
     samples_path = out / "samples.jsonl"
     if benches:
         _check_run(out, config)
@@ -165,19 +182,20 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
             dtype = "bfloat16" if cuda else "float32"  # fp32 on CPU: bf16 matmuls are 20-30x slower there
             lm, tok = load_for_eval(model, device=device, dtype=dtype)
         if loglik:
-            finished = _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, finished, total)
+            finished = _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, finished, total,
+                                   mc_protocol)
         else:
             finished, new_tokens = _run_generate(
                 model, jobs, items, backend, batch_size, max_new_tokens, temperature, top_p, greedy, seed,
                 samples_path, done, judge_timeout_s, progress, finished, total,
-                (lm, tok) if backend == "hf" else None)
+                (lm, tok) if backend == "hf" else None, vllm_options)
         gen_s = time.time() - tg
 
     # 4. summaries
     per_bench: dict[str, dict] = {}
     for b in benches:
         rows = [[done[(b.name, i, s)] for s in range(ns[b.name])] for i in range(len(items[b.name]))]
-        per_bench[b.name] = _bench_summary(b, rows, ks[b.name], loglik)
+        per_bench[b.name] = _bench_summary(b, rows, ks[b.name], loglik, mc_protocol)
     groups = {}
     for g in ("id", "ood"):
         vals = [_primary(per_bench[b.name]) for b in benches if b.group == g]
@@ -189,6 +207,8 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
         "skipped": skipped, "samples": str(samples_path), "generated_now": len(jobs),
         "new_tokens": new_tokens, "gen_s": round(gen_s, 2),
     }
+    if vllm_options:
+        summary["vllm_options"] = vllm_options
     if want_probe:
         from rpsft.eval.probe import forgetting_probe
 
@@ -201,7 +221,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
 
 
 def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, temperature, top_p, greedy, seed,
-                  samples_path, done, judge_timeout_s, progress, finished, total, loaded):
+                  samples_path, done, judge_timeout_s, progress, finished, total, loaded, vllm_options=None):
     from rpsft.eval.generate import HFGenerator, VLLMGenerator, render_prompts
 
     if backend == "hf":
@@ -210,7 +230,7 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
     else:
         from rpsft.models import resolve
 
-        gen = VLLMGenerator(resolve(model), seed=seed)
+        gen = VLLMGenerator(resolve(model), seed=seed, **(vllm_options or {}))
         tok = gen.tok
     rendered: dict[tuple[str, int], str] = {}
     for b, i, _ in jobs:
@@ -237,24 +257,28 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
         finished += len(batch)
         if progress:
             progress("generating", finished, total)
+    if backend == "vllm":
+        gen.close()  # its GPU memory back now (rpsft rl starts TRL's own vLLM engine next)
     return finished, new_tokens
 
 
-def _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, finished, total):
+def _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, finished, total,
+                mc_protocol="paper"):
     from rpsft.eval.generate import render_prompts
-    from rpsft.eval.loglik import score_mcq
+    from rpsft.eval.loglik import score_mcq, score_mcq_lm_eval
 
     by_bench: dict[str, tuple[Benchmark, list[int]]] = {}
     for b, i, _ in jobs:
         by_bench.setdefault(b.name, (b, []))[1].append(i)
     for name, (b, idx) in by_bench.items():
         its = [items[name][i] for i in idx]
-        ctx = render_prompts(tok, [it["prompt"] for it in its])
+        ctx = render_prompts(tok, [it["prompt"] for it in its]) if mc_protocol == "paper" else None
 
         def on_item(j: int, r: dict, name=name, idx=idx, its=its) -> None:
             nonlocal finished
             it = its[j]
             row = {"benchmark": name, "index": idx[j], "id": it["id"], "sample": 0, "mode": "loglik",
+                   "mc_protocol": mc_protocol,
                    "prompt": it["prompt"], "options": it["options"], "gold": it["gold"], "judge": "mcq-loglik",
                    **r, "correct": r["correct_norm"]}
             append_jsonl(samples_path, row)
@@ -263,20 +287,27 @@ def _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, 
             if progress:
                 progress(f"scoring {name}", finished, total)
 
-        score_mcq(lm, tok, its, ctx, batch_size, on_item)
+        if mc_protocol == "lm-eval":
+            score_mcq_lm_eval(lm, tok, its, on_item)
+        else:
+            score_mcq(lm, tok, its, ctx, batch_size, on_item)
     return finished
 
 
-def _bench_summary(b: Benchmark, rows: list[list[dict]], k: int, loglik: bool) -> dict:
+def _bench_summary(b: Benchmark, rows: list[list[dict]], k: int, loglik: bool, mc_protocol: str = "paper") -> dict:
     flat = [r for rs in rows for r in rs]
     base = {"description": b.description, "group": b.group, "judge": "mcq-loglik" if loglik else
             (rows[0][0]["judge"] if rows else b.judge)}
     if loglik:
-        acc = {key: sum(r[f"correct_{key}"] for r in flat) / len(flat) for key in ("letter", "text", "norm")}
+        keys = ("letter", "text", "norm") if mc_protocol == "paper" else ("text", "norm")  # lm-eval: no letters
+        acc = {key: sum(r[f"correct_{key}"] for r in flat) / len(flat) for key in keys}
         chance = sum(1 / len(r["options"]) for r in flat) / len(flat)
-        return {**base, "problems": len(flat), "accuracy": acc["norm"], "acc_norm": acc["norm"],
-                "acc_text": acc["text"], "acc_letter": acc["letter"], "chance": chance,
-                "stderr": stderr([float(r["correct_norm"]) for r in flat])}
+        out = {**base, "mc_protocol": mc_protocol, "problems": len(flat), "accuracy": acc["norm"],
+               "acc_norm": acc["norm"], "acc_text": acc["text"], "acc_letter": acc.get("letter"), "chance": chance,
+               "stderr": stderr([float(r["correct_norm"]) for r in flat])}
+        if mc_protocol == "lm-eval":
+            out["acc"] = acc["text"]  # lm-eval's name for the unnormalised accuracy
+        return out
     s = summarize([[bool(r["correct"]) for r in rs] for rs in rows], k)
     s.update(base)
     s["mean_tokens"] = sum(r["n_tokens"] for r in flat) / len(flat)

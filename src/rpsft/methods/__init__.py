@@ -14,7 +14,7 @@ from typing import Any, Callable
 class Method:
     name: str
     summary: str
-    anchor: str = "off"  # "off": refuses an anchor; "on": needs it; "full": anchor at k = min(m, n); "optional"
+    anchor: str = "off"  # "off": refuses an anchor; "on": needs it; "full": ‖W − W0‖² on every matrix; "optional"
     sft_overrides: dict = field(default_factory=dict)  # SFTConfig fields this method sets (e.g. loss_type)
     prepare_model: Callable[[Any, Any], Any] | None = None  # (model, cfg) -> model, e.g. a PEFT wrap
     trainer_class: Callable[[], type] | None = None  # lazy: returns the trainer class to use

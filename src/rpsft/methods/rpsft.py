@@ -3,4 +3,4 @@
 from . import Method, register
 
 register(Method("rpsft", "SFT + rotation anchor (k, λ, period from anchor.*)", anchor="on",
-                extra_memory="(m+n+1)·k fp32 numbers per anchored matrix; W0 only where k = min(m, n)"))
+                extra_memory="(m+n+1)·k fp32 numbers per anchored matrix; W0 only for a square one at k = min(m, n)"))

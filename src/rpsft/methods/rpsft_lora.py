@@ -7,11 +7,17 @@ LoRA freezes W0, and W0 is the matrix the anchor's frame comes from, so U_kᵀW0
     ∂R/∂B = U_k · 2s²·P(QQᵀ),      ∂R/∂A = 2s²·(PᵀP)Q · V_kᵀ
 
 — 2(m+n)·k·r + O(k·r²) multiply-adds per matrix and step, against ≈ m·n·(r + 4k) for the dense form on W0 + s·BA
-(benchmarks/lora_anchor.py measures the ratio). At full rank (k = min(m, n), "L2-Init on LoRA") U_k, V_k are square
-orthogonal, so R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B, Q = A, and no copy of W0 at all.
+(benchmarks/lora_anchor.py measures the ratio). Where the dense anchor keeps W0 instead of a frame (k = min(m, n) of a
+square matrix, where U_k, V_k are square orthogonal) R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B,
+Q = A, and no copy of W0 at all. A non-square matrix at k = min(m, n) keeps its frame and Eq. 3, like the dense anchor.
 
 The identity U_kᵀW0V_k = diag σ_k is checked once when the anchor is built (``check=True``), so a frame taken from
 other weights than the ones LoRA wraps fails loudly instead of silently anchoring the wrong thing.
+
+With bf16/fp16 lean frames (``anchor.frame_dtype``, rpsft.frames) the dense anchor subtracts A_ref = U_lᵀW0V_l
+instead of diag σ_k, and the same algebra gives U_lᵀ(W0 + s·BA)V_l − A_ref = s·(U_lᵀB)(AV_l) exactly: the factored
+form needs no A_ref at all, only the rounded frames (upcast one matrix at a time), and the build check above
+measures the residual against A_ref.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import torch
 
 from . import Method, register
 from ._peft import export_merged
-from ..anchor import AnchorTerms
+from ..anchor import AnchorTerms, weight_of
 from .lora import wrap_lora
+from ..placement import canonical_modules, host_values
 from ..selection import module_name
 
 
@@ -47,6 +54,9 @@ class _LoraTerm:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.U, self.S, self.V) if t is not None]
+
+    def frames(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.U.to(dtype), self.V.to(dtype)
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -94,13 +104,10 @@ class LoraRotationAnchor(AnchorTerms):
         """dense name -> (base layer, lora_A weight (r×n), lora_B weight (m×r), scaling s)."""
         from peft.tuners.lora import LoraLayer
 
-        base = _base(model)
+        modules = canonical_modules(_base(model))  # names without checkpoint / compile wrapper components
         out = {}
         for name, t in self.terms.items():
-            try:
-                layer = base.get_submodule(t.module)
-            except AttributeError:
-                layer = None
+            layer = modules.get(t.module)
             if not isinstance(layer, LoraLayer) or self.adapter not in layer.lora_A:
                 raise ValueError(
                     f"anchor matrix {name} is not adapted by LoRA adapter {self.adapter!r}: its weight is frozen, so "
@@ -125,21 +132,30 @@ class LoraRotationAnchor(AnchorTerms):
     # ------------------------------------------------------------------ the math
     def _factors(self, t: _LoraTerm, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """P = U_kᵀB (k×r) and Q = AV_k (r×k); at full rank P = B, Q = A."""
+        self._place(t, A.device)  # built on the CPU; the Trainer moves the model afterwards
         A, B = A.to(self.dtype), B.to(self.dtype)
         if t.full:
             return B, A
-        return t.U.T @ B, A @ t.V
+        U, V = t.frames(self.dtype)  # bf16/fp16 lean frames: upcast for this matrix only
+        return U.T @ B, A @ V
 
-    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_)."""
+    def penalty(self, model: torch.nn.Module, record: bool = False,
+                weight: dict[str, float] | None = None) -> torch.Tensor:
+        """R = Σ s²·⟨PᵀP, QQᵀ⟩ as a differentiable scalar (autograd path; training uses accumulate_grad_).
+        ``record`` and ``weight`` as in ``RotationAnchor.penalty``."""
         total = torch.zeros((), dtype=self.dtype)
+        if record:
+            self.last_sq = {}
         for name, (_, A, B, s) in self._layers(model).items():
             P, Q = self._factors(self.terms[name], A, B)
-            total = total.to(P.device) + (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
+            r = (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
+            if record:
+                self.last_sq[name] = float(r.detach())
+            total = total.to(P.device) + (r if weight is None else r * weight[name])
         return total
 
     @torch.no_grad()
-    def accumulate_grad_(self, model: torch.nn.Module, weight: float = 1.0) -> float:
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
         """Add ``weight · ∇R`` to lora_A / lora_B ``.grad`` in closed form; return R (unweighted)."""
         sq = []
         for name, (_, A, B, s) in self._layers(model).items():
@@ -148,28 +164,31 @@ class LoraRotationAnchor(AnchorTerms):
             GP, GQ = P.T @ P, Q @ Q.T  # r×r
             sq.append((s * s) * (GP * GQ).sum())
             dP, dQ = (2 * s * s) * (P @ GQ), (2 * s * s) * (GP @ Q)
-            dB, dA = (dP, dQ) if t.full else (t.U @ dP, dQ @ t.V.T)
+            if t.full:
+                dB, dA = dP, dQ
+            else:
+                U, V = t.frames(self.dtype)
+                dB, dA = U @ dP, dQ @ V.T
             for p, g in ((A, dA), (B, dB)):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.add_(g.to(p.grad.dtype), alpha=weight)
+                p.grad.add_(g.to(p.grad.dtype), alpha=weight_of(weight, name))
         if not sq:
             self.last_sq = {}
             return 0.0
-        values = torch.stack(sq).double().cpu()
-        self.last_sq = dict(zip(self.terms, values.tolist()))
-        return float(values.sum())
+        values = host_values(torch.stack(sq))  # one device sync per step
+        self.last_sq = dict(zip(self.terms, values))
+        return float(sum(values))
 
     @torch.no_grad()
     def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
         """Per matrix: ``abs`` = ‖s·PQ‖_F, ``rel`` = abs / ‖σ_k‖ (‖s·BA‖/‖W0‖ at full rank), ``k``, ``type``."""
-        out = {}
+        sq = []
         for name, (_, A, B, s) in self._layers(model).items():
-            t = self.terms[name]
-            P, Q = self._factors(t, A, B)
-            sq = ((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).double().clamp(min=0)  # ‖s·PQ‖² from two r×r Grams
-            out[name] = self._drift_row(name, float(sq.sqrt()))
-        return out
+            P, Q = self._factors(self.terms[name], A, B)
+            sq.append(((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).clamp(min=0))  # ‖s·PQ‖² from two r×r Grams
+        values = host_values(torch.stack(sq)) if sq else []  # one sync for all matrices
+        return {name: self._drift_row(name, v ** 0.5) for name, v in zip(self.terms, values)}
 
 
 def wrap_anchor(dense, model, cfg) -> LoraRotationAnchor:

@@ -1,0 +1,100 @@
+"""Paired bootstrap intervals and Pareto-front extraction against known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rpsft.stats import mean_interval, normal_interval, paired_delta, pareto_front
+
+
+def test_identical_predictions_give_a_zero_width_interval():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 300).astype(float)
+    r = paired_delta(a, a.copy())
+    assert r == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "n": 300}
+
+
+def test_large_bernoulli_sample_matches_the_normal_interval():
+    rng = np.random.default_rng(1)
+    n = 4000
+    a = (rng.random(n) < 0.3).astype(float)
+    r = mean_interval(a, seed=3, n_resamples=4000)
+    lo, hi = normal_interval(a.mean(), n)
+    assert r["delta"] == pytest.approx(a.mean())
+    assert r["lo"] == pytest.approx(lo, abs=0.003) and r["hi"] == pytest.approx(hi, abs=0.003)
+
+
+def test_pairing_removes_the_shared_item_variance():
+    # b = a except on 20 of 400 items: unpaired the difference of two ±2.4-point intervals would span ~±6 points;
+    # paired it is the binomial interval of 20 flips alone
+    rng = np.random.default_rng(2)
+    a = (rng.random(400) < 0.5).astype(float)
+    b = a.copy()
+    flip = rng.choice(np.nonzero(a == 0)[0], 20, replace=False)
+    b[flip] = 1.0
+    r = paired_delta(b, a, seed=0)
+    assert r["delta"] == pytest.approx(0.05)
+    assert 0.02 < r["lo"] < 0.05 < r["hi"] < 0.08
+
+
+def test_weighted_delta_is_the_per_token_mean():
+    a, b, w = np.array([1.0, 3.0, 0.5]), np.array([0.0, 1.0, 0.5]), np.array([1.0, 3.0, 6.0])
+    r = paired_delta(a, b, weights=w)
+    assert r["delta"] == pytest.approx((1 * 1 + 2 * 3 + 0) / 10)
+    assert r["lo"] <= r["delta"] <= r["hi"]
+
+
+def test_paired_delta_refuses_unpaired_shapes():
+    with pytest.raises(ValueError, match="same items"):
+        paired_delta([1, 0, 1], [1, 0])
+
+
+def test_pareto_front_on_hand_made_points():
+    # (ID gain, forgetting): maximise x, minimise y
+    pts = [(0.0, 0.0),   # base: optimal (nothing forgets less)
+           (0.2, 0.1),   # optimal
+           (0.2, 0.15),  # dominated by (0.2, 0.1)
+           (0.1, 0.12),  # dominated by (0.2, 0.1)
+           (0.3, 0.3),   # optimal (highest gain)
+           (0.25, 0.1),  # optimal, and it dominates (0.2, 0.1)
+           (0.3, 0.3)]   # a duplicate of an optimal point is optimal too
+    assert pareto_front(pts) == [0, 5, 4, 6]
+    assert pareto_front([(0.1, float("nan")), (0.0, 0.0)]) == [1]
+
+
+def _row(point, family, run, step, gain, kl, final=True, seed=42, method=None):
+    ci = lambda v, h: {"delta": v, "lo": v - h, "hi": v + h, "n": 200}  # noqa: E731
+    return {"point": point, "family": family, "run": run, "step": step, "seed": seed, "final": final,
+            "method": method or family.split()[0], "id_gain": ci(gain, 0.03), "forgetting": ci(kl, 0.01),
+            "pareto": False}
+
+
+def test_frontier_plot_draws_one_curve_per_family_and_the_front(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from rpsft.frontier import plot_frontier
+
+    rows = [_row("base", "base", "base", 0, 0.0, 0.0),
+            *[_row(f"sft@{s}" if s < 16 else "sft", "sft", "sft", s, g, k, s == 16)
+              for s, g, k in ((4, 0.05, 0.02), (8, 0.12, 0.05), (12, 0.2, 0.09), (16, 0.25, 0.12))],
+            _row("sft-seed43", "sft", "sft-seed43", 16, 0.22, 0.11, seed=43),
+            *[_row(f"l2init-lam{lam}", "l2init", f"l2init-lam{lam}", 16, g, k)
+              for lam, g, k in ((1, 0.24, 0.1), (10, 0.15, 0.04), (100, 0.03, 0.01))],
+            _row("l2init-lam10@8", "l2init", "l2init-lam10", 8, 0.08, 0.02, final=False)]
+    for j in pareto_front([(r["id_gain"]["delta"], r["forgetting"]["delta"]) for r in rows]):
+        rows[j]["pareto"] = True
+    labels = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: labels.append((kw.get("label"), len(x))) or real(self, x, y, **kw))
+    plot_frontier(rows, "probe_kl", tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    # base; SFT's 4 checkpoints as one curve and its other seed apart; L2-Init's 3 finals as one curve, plus the
+    # checkpoint of its λ = 10 run
+    assert ("sft", 4) in labels and ("sft (other seeds)", 1) in labels and ("l2init", 3) in labels
+    assert (None, 1) in labels and ("base", 1) in labels
+    # L2-Init at λ = 10 lies outside SFT's curve (more gain than sft@8 with less KL), and so does its step-8
+    # checkpoint against sft@4: both SFT points are off the front
+    assert [r["point"] for r in rows if r["pareto"]] == ["base", "sft@12", "sft", "l2init-lam1", "l2init-lam10",
+                                                          "l2init-lam100", "l2init-lam10@8"]
