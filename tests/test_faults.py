@@ -210,6 +210,17 @@ def test_unwritable_cache_warns_and_runs_uncached(tmp_path, caplog, monkeypatch,
     assert caplog.text.count("running without caching") == 1 and os.strerror(err) in caplog.text
 
 
+def test_unwritable_cache_with_lean_frames(tmp_path, caplog):
+    from rpsft.frames import get_lean_bases
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    cache = BasesCache(blocker / "cache")
+    with caplog.at_level(logging.WARNING, logger="rpsft"):
+        b = get_lean_bases(torch.randn(12, 8), 3, torch.bfloat16, cache=cache)
+    assert b.k == 3 and cache.root is None and caplog.text.count("running without caching") == 1
+
+
 def test_uncreatable_rpsft_cache_is_a_warning_not_a_traceback(tiny_model_dir, synth_data, tmp_path, monkeypatch,
                                                               caplog):
     blocker = tmp_path / "file"
