@@ -16,7 +16,11 @@ diagonal, so the penalty at initialisation is fp32 round-off of the off-diagonal
 
 Bases are cached on disk (safetensors), keyed by a SHA-256 fingerprint of the weight bytes. A cache entry stores
 the largest k computed so far; a smaller k is a prefix of it (nested-k reuse: top-256 ⊂ top-768). An entry whose
-recorded fingerprint, shape or solver does not match is recomputed, never used.
+recorded fingerprint, shape or solver does not match is recomputed, never used. Every entry also records a
+SHA-256 checksum of its tensors, and a loaded entry is checked against the weight it is used for (:func:`verify`:
+UᵀU ≈ I, VᵀV ≈ I and R(W0) = ‖U_kᵀ W0 V_k − diag σ_k‖² at its round-off floor, Eq. 3); a file that fails either
+check (bit rot, an edited file, a foreign writer) is recomputed and rewritten with a warning. A cache directory
+that cannot be written (read-only, full) gives one warning and the run continues without caching.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOLVERS = ("exact", "gram", "randomized")
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: + checksum of the tensors; format-1 entries are verified numerically
+VERIFY_TOL = 1e-4  # relative; fp32 SmolLM2 bases measure below 3e-6 (exact and gram), a corrupted entry near O(1)
 
 
 @dataclass
@@ -159,7 +164,7 @@ class BasesCache:
                 meta = f.metadata() or {}
                 stored_k = int(meta.get("k", -1))
                 ok = (meta.get("fingerprint") == fp and meta.get("shape") == f"{shape[0]}x{shape[1]}"
-                      and meta.get("solver") == solver and meta.get("format") == FORMAT_VERSION)
+                      and meta.get("solver") == solver and meta.get("format") in ("1", FORMAT_VERSION))
                 if not ok:
                     log.warning("bases cache %s does not match this weight (fingerprint/shape/solver); recomputing",
                                 path)
@@ -173,6 +178,10 @@ class BasesCache:
         if b.U.shape != (shape[0], stored_k) or b.V.shape != (shape[1], stored_k) or b.S.shape != (stored_k,):
             log.warning("bases cache %s has wrong tensor shapes; recomputing", path)
             return None
+        if "checksum" in meta and meta["checksum"] != checksum(b):
+            log.warning("bases cache %s fails its checksum (the file changed after it was written); recomputing "
+                        "and rewriting it", path)
+            return None
         return b.prefix(k)
 
     def save(self, fp: str, shape: tuple[int, int], solver: str, b: Bases) -> None:
@@ -183,10 +192,50 @@ class BasesCache:
         from .io import atomic_path
 
         meta = {"fingerprint": fp, "shape": f"{shape[0]}x{shape[1]}", "k": str(b.k), "solver": solver,
-                "format": FORMAT_VERSION}
-        with atomic_path(self._path(fp, solver)) as tmp:
-            save_file({"U": b.U.cpu().contiguous(), "S": b.S.cpu().contiguous(), "V": b.V.cpu().contiguous()},
-                      str(tmp), metadata=meta)
+                "format": FORMAT_VERSION, "checksum": checksum(b)}
+        try:
+            with atomic_path(self._path(fp, solver)) as tmp:
+                save_file({"U": b.U.cpu().contiguous(), "S": b.S.cpu().contiguous(), "V": b.V.cpu().contiguous()},
+                          str(tmp), metadata=meta)
+        except OSError as e:  # read-only or full: the bases are right, only the cache is lost
+            log.warning("cannot write the bases cache in %s (%s); running without caching bases (set "
+                        "anchor.cache_dir or RPSFT_CACHE to a writable directory)", self.root, e.strerror or e)
+            self.root = None
+
+
+def checksum(b: Bases) -> str:
+    """SHA-256 of the stored tensors' bytes (U, S, V in that order)."""
+    h = hashlib.sha256()
+    for t in (b.U, b.S, b.V):
+        h.update(t.detach().float().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify(b: Bases, weight: torch.Tensor, tol: float = VERIFY_TOL, probes: int = 8, floor: bool = True) -> str | None:
+    """Why ``b`` is not the top-k basis of ``weight`` (None if it is, to tolerance).
+
+    Checks ‖(UᵀU − I)x‖, ‖(VᵀV − I)x‖ and ‖(UᵀW0V − diag σ)x‖ (the matrix A of Eq. 3, whose ‖·‖²_F is R(W0)) for
+    ``probes`` fixed Gaussian vectors x: E‖Mx‖² = ‖M‖²_F, so this measures the Frobenius norms at O((m+n)k + mn)
+    per probe instead of the O(mnk) of forming UᵀW0V (as costly as the SVD it would check). ``floor=False`` skips
+    the R(W0) check, for randomized bases, whose approximate subspace leaves A off-diagonal by design."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    W = weight.detach().float()
+    U, S, V = (t.to(W.device, torch.float32) for t in (b.U, b.S, b.V))
+    if not (torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(V).all()):
+        return "non-finite entries"
+    x = torch.randn(b.k, probes, generator=gen).to(W.device)
+    xn = float(x.norm())
+    for name, Q in (("U", U), ("V", V)):
+        err = float((Q.T @ (Q @ x) - x).norm()) / xn
+        if not err <= tol:
+            return f"{name} is not orthonormal (‖({name}ᵀ{name} − I)x‖/‖x‖ = {err:.2e} > {tol:g})"
+    if not floor:
+        return None
+    scale = float(S.abs().max()) if S.numel() else 0.0
+    rel = float((U.T @ (W @ (V @ x)) - S[:, None] * x).norm()) / (xn * max(scale, 1e-30))
+    if not rel <= tol:
+        return f"R(W0) is not at its round-off floor (‖(UᵀW0V − diag σ)x‖/(σ₁‖x‖) = {rel:.2e} > {tol:g})"
+    return None
 
 
 def get_bases(weight: torch.Tensor, k: int, solver: str = "exact", cache: BasesCache | None = None,
@@ -199,7 +248,11 @@ def get_bases(weight: torch.Tensor, k: int, solver: str = "exact", cache: BasesC
         fp = fp or fingerprint(weight)
         hit = cache.load(fp, shape, k, tag)
         if hit is not None:
-            return hit
+            why = verify(hit, weight, floor=solver != "randomized")
+            if why is None:
+                return hit
+            log.warning("bases cache %s does not hold this weight's top-%d basis (%s); recomputing and rewriting it",
+                        cache._path(fp, tag), k, why)
     b = compute_bases(weight, k, solver=solver, niter=niter)
     if cache.root is not None:
         cache.save(fp, shape, tag, b)

@@ -22,7 +22,7 @@ data_app = typer.Typer(help="Built-in data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError, PermissionError)
 
 
 def friendly_errors(fn):
@@ -62,7 +62,10 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/demo.yaml)."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key: --set anchor.rank=128"),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run: 'latest' or a checkpoint dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in output_dir first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in output_dir first: only "
+                                   "what a run writes (a directory with other files is refused)."),
+    overwrite_all: bool = typer.Option(False, "--overwrite-all",
+                                       help="Delete the whole output_dir first, whatever it holds."),
 ):
     """Fine-tune a model (method=sft|rpsft|l2init|dft|iw|lora|rpsft_lora|osf)."""
     from .config import load_config
@@ -74,7 +77,7 @@ def train(
     from .quiet import quiet_console
 
     with quiet_console(Path(cfg.output_dir) / "train.log"):  # library logs and warnings -> the run's log file
-        summary = run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+        summary = run_train(cfg, resume=resume, overwrite="all" if overwrite_all else overwrite, console=console)
     a = summary["anchor"]
     console.print(f"[green]done[/green] {summary['global_step']} steps in {summary['train_seconds']:.0f}s, "
                   f"mean train loss {summary['train_loss']:.4f}", highlight=False)
@@ -196,6 +199,8 @@ _register_optional()
 
 
 def main() -> None:
+    # `--overwrite=all` is how users write it, but a click flag takes no value: it is the --overwrite-all flag
+    sys.argv[1:] = ["--overwrite-all" if a == "--overwrite=all" else a for a in sys.argv[1:]]
     app()
 
 

@@ -81,6 +81,8 @@ class TrainConfig:
     gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
     loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
     report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, trackio, ... ([] = none)
+    nan_policy: str = "stop"  # non-finite loss/penalty/gradient: stop (at that step) | skip (drop the step's update)
+    nan_max_skips: int = 10  # with nan_policy=skip: stop once more than this many steps were skipped
 
 
 @dataclass
@@ -197,6 +199,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is str:
+        if value is None or value == "":
+            raise ConfigError(f"{key}: empty value; give a non-empty string")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -313,6 +317,9 @@ def validate(cfg: Config) -> None:
     from .budget import check_budget_config
 
     check_budget_config(a)
+    from .preflight import check_values
+
+    check_values(cfg)  # finiteness, ranges, non-empty paths and targets, rank syntax: before anything loads
 
 
 def raise_first_failed(checks: list[tuple[bool, str]]) -> None:

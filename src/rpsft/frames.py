@@ -209,8 +209,13 @@ def get_lean_bases(weight: torch.Tensor, k: int, frame_dtype: torch.dtype, solve
         if hit is not None:
             return hit
     b = lean_bases(weight, get_bases(weight, k, solver=solver, cache=cache, niter=niter, fp=fp), frame_dtype)
-    if fp is not None:
-        _save(cache, fp, tuple(weight.shape), tag, frame_dtype, b)
+    if fp is not None and cache.root is not None:  # None: the bases cache could not be written (already warned)
+        try:
+            _save(cache, fp, tuple(weight.shape), tag, frame_dtype, b)
+        except OSError as e:  # read-only or full: the frames are right, only the cache is lost
+            log.warning("cannot write the lean bases cache in %s (%s); running without caching bases",
+                        cache.root, e.strerror or e)
+            cache.root = None
     return b
 
 

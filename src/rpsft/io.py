@@ -1,9 +1,11 @@
 """Atomic file writes: every result file is written to a temp file beside it and renamed into place, so an
-interrupted run never leaves a half-written file that a resumed run would trust."""
+interrupted run never leaves a half-written file that a resumed run would trust. JSON is written strictly: a
+non-finite float (a diverged loss) becomes ``null``, never a bare ``NaN``/``Infinity``."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; a result file gets the mode any other new file would
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -26,17 +29,40 @@ def atomic_path(path: str | Path):
         raise
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None: JSON has no NaN or Infinity, and a bare ``NaN`` in a
+    metrics line breaks every strict reader (jq, JavaScript, pandas with ``orient="records"``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw) -> str:
+    """Strict JSON (non-finite floats written as null, see :func:`finite_json`)."""
+    return json.dumps(finite_json(obj), ensure_ascii=False, default=str, allow_nan=False, **kw)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    write_text(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
@@ -44,7 +70,7 @@ def append_jsonl(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        f.write(dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
 

@@ -119,7 +119,11 @@ def resolve(name_or_path: str) -> str:
                 f"`rpsft train`, or one of the embedded names {sorted(EMBEDDED)}"
             )
         return str(path)
-    if "/" not in str(name_or_path):
+    s = str(name_or_path)
+    if s.startswith(("/", ".", "~")) or s.count("/") > 1 or s.endswith("/"):  # a path, never a hub id owner/name
+        raise FileNotFoundError(f"model directory {name_or_path} does not exist; pass a checkpoint directory "
+                                f"written by save_pretrained / `rpsft train`, a hub id, or one of {sorted(EMBEDDED)}")
+    if "/" not in s:
         raise FileNotFoundError(
             f"model {name_or_path!r} is neither a directory nor a hub id (owner/name) nor an embedded name; "
             f"embedded: {sorted(EMBEDDED)}"

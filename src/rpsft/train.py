@@ -16,7 +16,7 @@ point, and ``accelerator.sync_gradients`` tells us it is the last micro-batch of
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,13 +25,16 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from . import io
+from . import guards, io, preflight
 from .anchor import RotationAnchor
 from .budget import BudgetController, budget_callback, check_budget_method, weighted_sum
 from .config import Config, dump_yaml, to_dict
 from .launch import check_launch, resolve_checkpointing
 from .models import cache_root, load_model, parse_dtype
+from .preflight import usable_cache_dir as guards_cache
 from .trainer_args import check_report_to, check_trainer_section, write_model_card
+
+log = logging.getLogger("rpsft")
 
 
 class AnchoredSFTTrainer(SFTTrainer):
@@ -257,6 +260,7 @@ def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
                  progress: bool = False) -> RotationAnchor:
     a = cfg.anchor
     cache = a.cache_dir if a.cache_dir is not None else str(cache_root() / "bases")
+    cache = guards_cache(cache)  # read-only or not creatable: a warning, and no caching
     rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n); with full_rank_as="l2": ‖W − W0‖² exactly
     return RotationAnchor.from_model(model, rank=rank, targets=a.targets, layers=a.layers, svd=a.svd,
                                      dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress,
@@ -264,11 +268,11 @@ def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+    """The newest *complete* checkpoint-N (one torn by a kill during its save is passed over; guards.py)."""
+    return guards.latest_complete(output_dir)[0]
 
 
-def prepare_run_dir(out: Path, resume: bool | str | None, overwrite: bool,
+def prepare_run_dir(out: Path, resume: bool | str | None, overwrite: bool | str,
                     config_diff: Callable[[str], list[str]], may_change: str = "") -> Path | None:
     """The checkpoint to resume from (None: a fresh start) for a run directory ``out``.
 
@@ -284,19 +288,24 @@ def prepare_run_dir(out: Path, resume: bool | str | None, overwrite: bool,
             raise ValueError(f"cannot resume {out}: the config differs from the one the run started with "
                              f"({'; '.join(diff[:6])}){'; only ' + may_change + ' may change' if may_change else ''}."
                              " Resume with the same config, or start again with --overwrite")
-        ckpt = Path(resume) if isinstance(resume, (str, Path)) and str(resume) not in ("True", "latest") \
-            else latest_checkpoint(out)
+        explicit = isinstance(resume, (str, Path)) and str(resume) not in ("True", "latest")
+        ckpt, skipped = (Path(resume), []) if explicit else guards.latest_complete(out)
+        if skipped:
+            log.warning("skipping incomplete %s (interrupted while saving); resuming from %s",
+                        ", ".join(p.name for p in skipped), ckpt.name if ckpt else "nothing")
         if ckpt is None or not (ckpt / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"nothing to resume: no checkpoint-N with trainer_state.json in {out}"
-                                    + (f" ({resume})" if isinstance(resume, str) else ""))
-        step = json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+            raise FileNotFoundError(f"nothing to resume: no complete checkpoint-N with trainer_state.json in {out}"
+                                    + (f" ({resume})" if isinstance(resume, str) else "")
+                                    + (f"; incomplete, skipped: {', '.join(p.name for p in skipped)}" if skipped
+                                       else ""))
+        step = guards.checkpoint_state(ckpt)["global_step"]  # a torn trainer_state.json is named with its path
         rows = [r for r in io.read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= step]
         io.write_jsonl(out / "metrics.jsonl", rows)
     elif out.exists() and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
         if not overwrite:
             raise FileExistsError(f"{out} already holds a run; pass --resume latest to continue it or --overwrite "
                                   "to start again (or choose another output_dir)")
-        shutil.rmtree(out)
+        guards.clear_run_dir(out, overwrite)  # only what a run writes, unless --overwrite=all
     return ckpt
 
 
@@ -326,7 +335,7 @@ def _final_eval(trainer) -> dict:
     return done[-1] if done else trainer.evaluate()
 
 
-def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False, console=None,
+def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str = False, console=None,
           extra_callbacks: list | None = None, progress: bool = True) -> dict:
     """Run one training job described by ``cfg``; returns the run summary (also written to run.json)."""
     from .data.formats import load_records, to_dataset
@@ -339,15 +348,23 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     out = Path(cfg.output_dir)
     check_trainer_section(cfg.trainer, SFTConfig)  # typos in trainer:/report_to fail before anything is loaded
     check_report_to(cfg.train.report_to)
+    # paths, targets and ranks, then the data: all before the run directory is touched or the model loads
+    d = cfg.data
+    preflight.check_data_path(d.train)
+    preflight.check_targets(cfg, use_anchor)
+    records = load_records(d.train, split=d.split, limit=d.limit, columns=d.columns, turns=d.turns)
+    dataset = to_dataset(records)
+    eval_dataset = to_dataset(load_records(d.eval, split=d.split, columns=d.columns, turns=d.turns)) if d.eval \
+        else None
+    finished = preflight.finished_run(out, resume, lambda saved: _yaml_diff(saved, dump_yaml(cfg)),
+                                      cfg.train.max_steps)
+    if finished is not None:
+        log.warning("%s already finished (step %s); nothing to resume", out, finished.get("global_step"))
+        return finished
     ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
     out.mkdir(parents=True, exist_ok=True)
     io.write_text(out / "config.yaml", dump_yaml(cfg))
 
-    # data before model: a bad data file fails in a second, not after loading the weights
-    d = cfg.data
-    dataset = to_dataset(load_records(d.train, split=d.split, limit=d.limit, columns=d.columns, turns=d.turns))
-    eval_dataset = to_dataset(load_records(d.eval, split=d.split, columns=d.columns, turns=d.turns)) if d.eval \
-        else None
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
 
@@ -368,6 +385,9 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
                           processing_class=tokenizer, anchor=anchor,
                           anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period, method_config=cfg,
                           anchor_mode=cfg.anchor.mode, anchor_budget=BudgetController.from_config(cfg.anchor))
+    data_report = preflight.report_dropped(trainer, records, tokenizer, cfg.data.max_length, cfg.data.train)
+    guard = guards.FiniteGuard(trainer, cfg.train.nan_policy, cfg.train.nan_max_skips, run_dir=out)
+    extra_callbacks = [guard, guards.CheckpointSealer(), *(extra_callbacks or [])]
     install_callbacks(trainer, out, RichProgressCallback(console) if progress else None, extra_callbacks)
     if ckpt is not None and trainer.anchor_budget is not None:
         trainer.anchor_budget.load(ckpt)  # continue the λ trajectory where the checkpoint left it
@@ -379,12 +399,18 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool = False
     trainer.save_model(str(out))
     eval_metrics = _final_eval(trainer) if eval_dataset is not None else {}
     extra = method.finalize(trainer, cfg, out) if method.finalize is not None else {}
+    if trainer.is_world_process_zero():
+        guards.fix_modes(out)  # safetensors files are written 0600; give every run file the umask's mode
 
     summary = {
         "method": cfg.method,
         "output_dir": str(out),
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        # the whole run's mean logged loss, across resumes (Trainer's own covers only this session's steps)
+        "train_loss": guards.whole_run_loss(out / "metrics.jsonl") if ckpt else result.training_loss,
+        "train_loss_session": result.training_loss,
+        "skipped_steps": guard.skipped,
+        "data": data_report,
         "train_seconds": round(train_s, 2),
         "anchor_seconds": round(anchor_s, 2),
         "anchor": None if anchor is None else {

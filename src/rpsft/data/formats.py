@@ -78,15 +78,17 @@ def normalize_row(row: Any, source: str = "<data>", line: int | None = None) -> 
             raise DataFormatError(f"{where}: {field!r} has no assistant turn to train on")
         if last == 0 or not any(m["role"] == "user" for m in msgs[:last]):
             raise DataFormatError(f"{where}: {field!r} has no user turn before the last assistant turn")
-        return {"prompt": msgs[:last], "completion": [msgs[last]]}
+        return _nonempty({"prompt": msgs[:last], "completion": [msgs[last]]}, where)
     if "prompt" in row and "completion" in row:
         prompt = _as_messages(row["prompt"], "user", where, "prompt")
         completion = _as_messages(row["completion"], "assistant", where, "completion")
         if [m["role"] for m in completion] != ["assistant"] * len(completion):
             raise DataFormatError(f"{where}: 'completion' must contain assistant messages only")
-        return {"prompt": prompt, "completion": completion}
+        return _nonempty({"prompt": prompt, "completion": completion}, where)
     if "question" in row and "answer" in row:
         solution, _ = gsm8k_solution(str(row["answer"]))
+        if not str(row["answer"]).strip():
+            raise DataFormatError(f"{where}: 'answer' is empty: there is nothing to train on")
         return {"prompt": [{"role": "user", "content": str(row["question"])}],
                 "completion": [{"role": "assistant", "content": solution}]}
     keys = sorted(row)[:8]
@@ -94,6 +96,13 @@ def normalize_row(row: Any, source: str = "<data>", line: int | None = None) -> 
         f"{where}: row has none of the accepted shapes; expected 'messages', 'prompt'+'completion', "
         f"'conversations' (ShareGPT) or 'question'+'answer' (GSM8K), found keys {keys}"
     )
+
+
+def _nonempty(rec: dict, where: str) -> dict:
+    """An empty completion trains on the end-of-turn token alone: almost certainly a broken row, so refuse it."""
+    if not any(m["content"].strip() for m in rec["completion"]):
+        raise DataFormatError(f"{where}: the completion is empty: there is nothing to train on (fix or drop the row)")
+    return rec
 
 
 def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[Any, int | None]]:
@@ -108,8 +117,13 @@ def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[An
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".json":
+            raw = path.read_bytes()
             try:
-                rows = json.loads(path.read_text())
+                rows = json.loads(raw.decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                line = raw[:e.start].count(b"\n") + 1
+                raise DataFormatError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x}); re-save the file as "
+                                      "UTF-8") from None
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(rows, list):
@@ -117,8 +131,9 @@ def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[An
             for i, row in enumerate(rows):
                 yield row, i + 1
             return
-        with path.open() as f:
-            for n, text in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, start=1):
+                text = _decode(raw, path, n)
                 if not text.strip():
                     continue
                 try:
@@ -126,12 +141,53 @@ def iter_raw_rows(source: str | Path, split: str = "train") -> Iterable[tuple[An
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
         return
-    if path.is_dir() or str(source).endswith((".jsonl", ".json", ".parquet", ".arrow", ".csv")):
+    if path.is_dir() or str(source).endswith((".jsonl", ".json", ".parquet", ".arrow", ".csv")) \
+            or looks_local(source):
         raise FileNotFoundError(f"data file {source} does not exist (generate the built-in data with "
                                 f"`rpsft data synth-math`, or point data.train at a JSONL file)")
-    from .sources import hub_rows  # a bare hub dataset name; only reachable where a hub is
+    if not hub_reachable():  # not a local file, and no hub to ask: say so now, not after minutes of retries
+        raise FileNotFoundError(f"data file {source} does not exist, and it cannot be a hub dataset here (the hub is "
+                                "unreachable or HF_HUB_OFFLINE is set); point data.train at a local file")
+    from .sources import hub_rows  # a bare hub dataset name
 
     yield from hub_rows(str(source), split)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connect; False when offline mode is set."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def looks_local(source: str | Path) -> bool:
+    """Whether ``source`` can only be meant as a local path: a hub id is exactly ``owner/name`` (or ``name``), so
+    anything absolute, relative (``./``, ``~``), deeper, or under an existing local directory is a path."""
+    s = str(source)
+    parts = s.split("/")
+    return (s.startswith(("/", ".", "~")) or "\\" in s or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def _decode(raw: bytes, path: Path, line: int) -> str:
+    """One line as UTF-8; a byte-order mark on the first line is accepted (editors on Windows write one)."""
+    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                              "re-save the file as UTF-8") from None
 
 
 def load_records(source: str | Path, split: str = "train", limit: int | None = None, columns: dict | None = None,

@@ -49,6 +49,11 @@ def judge_completion(item: dict, completion: str, flex: bool = False, timeout_s:
     raise ValueError(f"unknown judge {kind!r}")
 
 
+def _same_path(model: str) -> str:
+    """A local model directory as one string: "runs/x/" and "runs/x" are the same model and the same stored run."""
+    return str(Path(str(model))) if Path(str(model)).expanduser().is_dir() else str(model)
+
+
 def _check_run(out: Path, config: dict) -> None:
     import json
 
@@ -141,7 +146,7 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model": str(model), "model_fingerprint": _model_fingerprint(model) if benches else None,
+    config = {"model": _same_path(model), "model_fingerprint": _model_fingerprint(model) if benches else None,
               "backend": backend, "max_new_tokens": None if loglik else max_new_tokens,
               "temperature": None if (greedy or loglik) else temperature,
               "top_p": None if (greedy or loglik) else top_p, "greedy": bool(greedy), "seed": seed,

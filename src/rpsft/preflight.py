@@ -1,0 +1,214 @@
+"""Checks that run before anything expensive: every config value, the model and data paths, the targets and ranks
+against the checkpoint's parameter names (read from its config on the meta device, no weights), and the cache
+directory. Each failure is one line naming the bad input and the fix (the CLI turns it into exit status 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, raise_first_failed
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_values(cfg: Config) -> None:
+    """Ranges and finiteness of every value (``lr=inf`` and ``lam=inf`` included); normalises ``anchor.rank``
+    written as a float with an integer value (``1e3`` on the command line) to the int k it means."""
+    t, a, d = cfg.train, cfg.anchor, cfg.data
+    if isinstance(a.rank, float) and a.rank > 1:
+        if not a.rank.is_integer():
+            raise ConfigError(f"anchor.rank={a.rank}: give an int k (e.g. 768) or a fraction of min(m, n) in (0, 1]")
+        a.rank = int(a.rank)
+    checks = [
+        (_finite(t.lr), f"train.lr must be a finite number > 0, got {t.lr}"),
+        (_finite(a.lam), f"anchor.lam must be a finite number >= 0, got {a.lam}"),
+        (_finite(t.epochs) and t.epochs >= 0, f"train.epochs must be a finite number >= 0, got {t.epochs}"),
+        (_finite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1 or (t.warmup_ratio >= 1 and
+                                                                  float(t.warmup_ratio).is_integer()),
+         f"train.warmup_ratio must be a fraction in [0, 1) (or a whole number of steps), got {t.warmup_ratio}"),
+        (_finite(t.weight_decay) and t.weight_decay >= 0, f"train.weight_decay must be finite and >= 0, got "
+                                                          f"{t.weight_decay}"),
+        (_finite(t.max_grad_norm) and t.max_grad_norm >= 0, f"train.max_grad_norm must be finite and >= 0 (0 = no "
+                                                            f"clipping), got {t.max_grad_norm}"),
+        (t.logging_steps >= 1, f"train.logging_steps must be >= 1, got {t.logging_steps}"),
+        (t.save_steps >= 1, f"train.save_steps must be >= 1, got {t.save_steps}"),
+        (t.save_total_limit is None or t.save_total_limit >= 1,
+         f"train.save_total_limit must be >= 1 or null (keep all), got {t.save_total_limit}"),
+        (t.max_steps == -1 or t.max_steps >= 1, f"train.max_steps must be >= 1 (or -1: use train.epochs), got "
+                                                f"{t.max_steps}"),
+        (t.nan_policy in ("stop", "skip"), f"train.nan_policy must be stop or skip, got {t.nan_policy!r}"),
+        (t.nan_max_skips >= 0, f"train.nan_max_skips must be >= 0, got {t.nan_max_skips}"),
+        (d.limit is None or d.limit >= 1, f"data.limit must be >= 1 (first N rows) or null (all rows), got {d.limit}"),
+        (bool(str(cfg.output_dir).strip()), "output_dir is empty; give the directory the run is written to"),
+        (bool(str(d.train).strip()), "data.train is empty; give a JSONL/JSON file or a hub dataset name"),
+        (bool(str(cfg.model.name).strip()), "model.name is empty; give an embedded name, a checkpoint directory or "
+                                            "a hub id"),
+        (len(a.targets) > 0, "anchor.targets is empty; name at least one module pattern, e.g. q_proj"),
+        (a.niter >= 1, f"anchor.niter must be >= 1, got {a.niter}"),
+        (cfg.lora.r >= 1, f"lora.r must be >= 1, got {cfg.lora.r}"),
+        (_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}"),
+        (_finite(cfg.lora.dropout) and 0 <= cfg.lora.dropout < 1, f"lora.dropout must lie in [0, 1), got "
+                                                                   f"{cfg.lora.dropout}"),
+        (len(cfg.lora.targets) > 0, "lora.targets is empty; name at least one module pattern, e.g. q_proj"),
+        (_finite(cfg.iw.temperature), f"iw.temperature must be finite, got {cfg.iw.temperature}"),
+        (_finite(cfg.iw.w_max) and cfg.iw.w_max > 0, f"iw.w_max must be finite and > 0, got {cfg.iw.w_max}"),
+    ]
+    raise_first_failed(checks)
+    from .models import parse_dtype
+
+    for key, value in (("model.dtype", cfg.model.dtype), ("anchor.dtype", a.dtype)):
+        try:
+            parse_dtype(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    _check_rank_syntax(a.rank)
+    from .selection import parse_layers
+
+    parse_layers(a.layers)
+
+
+def _check_rank_syntax(rank: Any) -> None:
+    """The rank spec's own errors (not a number, a fraction out of range, a missing rank file) without a model."""
+    from .selection import SelectionError, resolve_ranks
+
+    if isinstance(rank, dict) or (isinstance(rank, str) and rank.startswith("@")):
+        return  # a mapping or a rank file is checked against the real parameter names (check_targets)
+    try:
+        resolve_ranks([("probe.weight", (4096, 4096))], rank)
+    except SelectionError as e:
+        raise ConfigError(f"anchor.{e}" if str(e).startswith("rank") else str(e)) from None
+
+
+def local_model_dir(name: str) -> Path | None:
+    """The checkpoint directory ``name`` will load from, if it is local and already there (no conversion)."""
+    from .models import EMBEDDED, cache_root, resolve
+
+    key = str(name).lower()
+    if key in EMBEDDED:
+        target = cache_root() / "models" / key
+        return target if (target / "config.json").is_file() else None
+    p = resolve(name)  # raises the one-line error for a missing local path
+    return Path(p) if Path(p).is_dir() else None
+
+
+def check_targets(cfg: Config, anchored: bool) -> None:
+    """Targets, layers and ranks against the checkpoint's parameter names and shapes, from its config.json on the
+    meta device (no weights read): a typo fails in a second, before the model loads and before config.yaml."""
+    if not anchored:
+        return
+    d = local_model_dir(cfg.model.name)
+    if d is None:
+        return  # a hub id: its config is not local; the same checks run after the model loads
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .selection import resolve_ranks, select_matrices
+
+    try:
+        mcfg = AutoConfig.from_pretrained(d, trust_remote_code=cfg.model.trust_remote_code)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # an architecture we cannot build empty: the checks run after loading instead
+        return
+    matrices = select_matrices(meta, cfg.anchor.targets, cfg.anchor.layers)
+    resolve_ranks([(n, tuple(p.shape)) for n, p in matrices], cfg.anchor.rank)
+
+
+def check_data_path(source: str) -> None:
+    """A data path that is meant to be local but is absent fails here, not as a hub ConnectionError later."""
+    from .data.formats import looks_local
+
+    p = Path(source).expanduser()
+    if not p.exists() and looks_local(source):
+        raise FileNotFoundError(f"data file {source} does not exist (generate the built-in data with "
+                                "`rpsft data synth-math`, or point data.train at a JSONL file)")
+
+
+def _log():
+    import logging
+
+    return logging.getLogger("rpsft")
+
+
+def usable_cache_dir(path: str | Path) -> str | None:
+    """``path`` if bases can be cached there, else None with a warning (read-only or not creatable): the run goes
+    on without caching rather than failing on a cache."""
+    p = Path(path).expanduser()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _log().warning(f"bases cache {p} cannot be created ({e.strerror}); running without caching bases "
+                       "(set anchor.cache_dir or RPSFT_CACHE to a writable directory)")
+        return None
+    if not os.access(p, os.W_OK | os.X_OK):
+        _log().warning(f"bases cache {p} is not writable; running without caching bases (set anchor.cache_dir "
+                       "or RPSFT_CACHE to a writable directory)")
+        return str(p) if any(p.glob("*.safetensors")) and os.access(p, os.R_OK) else None
+    return str(p)
+
+
+def finished_run(out: Path, resume: Any, config_diff, max_steps: int = -1) -> dict | None:
+    """The stored summary when ``--resume latest`` names a run that already finished with this config (resuming
+    it would train past its last step and rewrite run.json); None otherwise. A run stopped early also has a
+    run.json: finished means its global_step reached the run's total (``max_steps``, else the one Trainer
+    recorded in the newest complete checkpoint)."""
+    if not resume or str(resume) not in ("True", "latest"):
+        return None
+    summary, saved = out / "run.json", out / "config.yaml"
+    if not summary.is_file() or (saved.is_file() and config_diff(saved.read_text())):
+        return None
+    import json
+
+    try:
+        stored = json.loads(summary.read_text())
+    except ValueError:
+        return None  # a torn run.json: the run did not finish cleanly, resume it
+    if max_steps <= 0:
+        from .guards import CheckpointError, checkpoint_state, latest_complete
+
+        ckpt = latest_complete(out)[0]
+        try:
+            max_steps = int(checkpoint_state(ckpt).get("max_steps", 0)) if ckpt is not None else 0
+        except CheckpointError:
+            return None
+    return stored if max_steps > 0 and int(stored.get("global_step", 0)) >= max_steps else None
+
+
+def report_dropped(trainer, records: list[dict], tokenizer, max_length: int, source: str) -> dict:
+    """Count the rows TRL dropped because truncation to ``max_length`` left no completion token (the prompt alone
+    fills it), warn with the count and the longest prompt, and refuse a run that would have no rows at all."""
+    import logging
+
+    from .data.formats import DataFormatError
+
+    report = {"rows": len(records)}
+    try:
+        kept = len(trainer.train_dataset)
+    except TypeError:  # an iterable dataset: no length to compare
+        return report
+    report["kept"] = kept
+    dropped = len(records) - kept
+    if dropped <= 0:
+        return report
+    lens = []
+    for r in records:
+        text = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+        lens.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    longest = max(lens)
+    report.update(dropped_too_long=dropped, longest_prompt_tokens=longest)
+    if kept == 0:
+        raise DataFormatError(f"{source}: all {len(records)} rows were dropped: each prompt fills data.max_length="
+                              f"{max_length} tokens, leaving no completion token to train on (longest prompt "
+                              f"{longest} tokens); raise data.max_length")
+    logging.getLogger("rpsft").warning(
+        "%s: %d of %d rows dropped: the prompt leaves no completion token within data.max_length=%d (longest prompt "
+        "%d tokens); raise data.max_length to keep them", source, dropped, len(records), max_length, longest)
+    return report
