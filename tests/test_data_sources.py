@@ -69,7 +69,10 @@ def test_hub_spec_reaches_the_loader_with_its_config(monkeypatch):
     recs = load_records("hf:openai/gsm8k:main:train", limit=3)
     assert seen == [("openai/gsm8k", "main", "train")] and len(recs) == 3
     assert recs[0]["completion"][0]["content"].endswith("$\\boxed{1}$.")
-    load_records("org/name", split="test")  # a bare name is still a hub dataset
+    import rpsft.data.formats as formats
+
+    monkeypatch.setattr(formats, "hub_reachable", lambda *a, **k: True)  # this machine has no hub to answer
+    load_records("org/name", split="test")  # a bare name is still a hub dataset where the hub answers
     assert seen[-1] == ("org/name", None, "test")
 
 
@@ -99,12 +102,13 @@ def _offline(*a, **k):
     raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (LocalEntryNotFoundError)")
 
 
-def test_offline_hub_is_one_line_exit_2(monkeypatch, tmp_path):
+def test_offline_hub_is_one_line_exit_2(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setattr(datasets, "load_dataset", _offline)
     with pytest.raises(DataSourceError, match=r"cannot load hub dataset hf:openai/gsm8k:main:train \(ConnectionError"):
         load_records("hf:openai/gsm8k:main:train")
     r = CliRunner().invoke(app, ["train", "--set", "data.train=hf:openai/gsm8k:main:train", "--set",
-                                 f"output_dir={tmp_path / 'o'}", "--set", "model.name=/nonexistent"])
+                                 f"output_dir={tmp_path / 'o'}", "--set", f"model.name={tiny_model_dir}",
+                                 "--set", "anchor.rank=4"])
     assert r.exit_code == 2, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "hf:openai/gsm8k:main:train" in lines[0] and "Traceback" not in r.output
