@@ -33,7 +33,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 torch-%:
 	@echo "TORCH=$*: choose TORCH=cpu, TORCH=cuda or TORCH=skip"; exit 2
 torch-cpu:
-	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))
+	$(PIP) install -q --no-deps torch==$(TORCH_VERSION) $(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))
+	$(PIP) install -q torch==$(TORCH_VERSION)  # its dependencies, from pip's usual indexes (torch itself is satisfied)
 torch-cuda:
 	$(PIP) install -q torch==$(TORCH_VERSION)
 torch-skip:
