@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 
 from rpsft.config import ConfigError, dump_yaml, load_config
@@ -57,3 +59,46 @@ def test_bad_files(tmp_path):
     f.write_text("train:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
         load_config(f)
+
+
+@dataclass
+class Inner:
+    limit: int | None = None
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outer:
+    runs: int = 1
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_one_loader_builds_every_config():
+    from rpsft.config import BaseTrainConfig, apply_overrides, load_section
+    from rpsft.rl.config import RLConfig, RLTrainConfig
+
+    # rl: an anchor section that does not say `enabled` stays off during RL (its dataclass default), not in train
+    rl = load_section(RLConfig, {"anchor": {"rank": 8}, "train": {"lr": "2e-6"}}, label="rl config")
+    assert rl.anchor.enabled is False and rl.anchor.rank == 8 and rl.train.lr == 2e-6
+    assert load_section(RLConfig, {}).anchor.enabled is False
+    assert load_config(None, ["anchor.rank=8"]).anchor.enabled is None
+    # the train fields both share are defined once; each config keeps its own defaults
+    assert issubclass(RLTrainConfig, BaseTrainConfig) and rl.train.lr_scheduler == "constant"
+    assert load_config().train.lr_scheduler == "cosine"
+    with pytest.raises(ConfigError, match="unknown rl config key 'train.epochs'"):
+        load_section(RLConfig, {"train": {"epochs": 1}}, label="rl config")
+
+    data = apply_overrides({}, ["inner={limit: 3}", "inner.names=a,b"], Outer, label="other")
+    built = load_section(Outer, data, label="other")
+    assert built.inner.limit == 3 and built.inner.names == ["a", "b"] and built.runs == 1
+    with pytest.raises(ConfigError, match="inner.limit: expected an integer"):
+        load_section(Outer, {"inner": {"limit": "many"}}, label="other")
+    with pytest.raises(ConfigError, match="unknown other key 'inner.limt'; did you mean 'inner.limit'"):
+        apply_overrides({}, ["inner.limt=3"], Outer, label="other")
+
+
+def test_a_reordered_saved_config_is_the_same_config():
+    from rpsft.train import _yaml_diff
+
+    assert _yaml_diff("train:\n  lr: 1\n  seed: 2\n", "train:\n  seed: 2\n  lr: 1\n") == []
+    assert _yaml_diff("train:\n  lr: 1\n", "train:\n  lr: 3\n") == ["-  lr: 1", "+  lr: 3"]

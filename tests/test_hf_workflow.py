@@ -92,7 +92,8 @@ def test_eval_loss_and_model_card(tiny_model_dir, synth_data, tmp_path):
 def test_rl_takes_trackers_trainer_keys_and_hub_prompts(monkeypatch):
     import datasets
 
-    from rpsft.rl import build_grpo_config, load_prompts, load_rl_config
+    from rpsft.rl import load_prompts, load_rl_config
+    from rpsft.rl.trainer import build_grpo_config
 
     cfg = load_rl_config(None, ["train.report_to=tensorboard", "trainer.hub_model_id=me/rl", "trainer.top_k=5",
                                 "data.train=hf:openai/gsm8k:main:train", "data.limit=2"], init="x")

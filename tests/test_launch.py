@@ -64,7 +64,8 @@ def test_fsdp_activation_checkpointing_turns_the_training_argument_off(tiny_mode
 
 
 def test_rl_config_resolves_the_conflict_too(monkeypatch, tmp_path):
-    from rpsft.rl import RLConfig, build_grpo_config
+    from rpsft.rl import RLConfig
+    from rpsft.rl.trainer import build_grpo_config
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")

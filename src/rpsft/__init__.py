@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that ``rpsft --help`` does not pay for torch):
 ``RotationAnchor``, ``select_matrices``, ``resolve_ranks``, ``load_model``, ``load_config``,
-``AnchoredSFTTrainer``, ``compute_bases``.
+``AnchoredSFTTrainer``, ``AnchorMixin``, ``compute_bases``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ _EXPORTS = {
     "load_tokenizer": "models",
     "load_config": "config",
     "Config": "config",
-    "AnchoredSFTTrainer": "train",
+    "AnchoredSFTTrainer": "trainer",
+    "AnchorMixin": "trainer",
 }
 
 __all__ = sorted(_EXPORTS)

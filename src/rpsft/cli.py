@@ -181,7 +181,7 @@ def _register_optional() -> None:
             raise
     else:
         app.command("eval", help=eval_command.__doc__)(friendly_errors(eval_command))
-    for module, name in (("analysis", "analyze"), ("rl_cli", "rl"), ("bench_cli", "bench"),
+    for module, name in (("analysis", "analyze"), ("rl.cli", "rl"), ("bench_cli", "bench"),
                          ("compare_cli", "compare")):
         try:
             mod = __import__(f"rpsft.{module}", fromlist=["app"]) if module != "analysis" else \

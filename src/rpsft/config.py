@@ -1,7 +1,9 @@
 """One configuration schema for the CLI and the library: dataclasses, a YAML file, and ``--set a.b=c`` overrides.
 
 Unknown keys are errors (with the closest valid key), values are coerced to the field's type, and the resolved
-configuration is written next to every run so that it can be reproduced exactly.
+configuration is written next to every run so that it can be reproduced exactly. Every config of the project (this
+one, ``rpsft rl``'s, ``rpsft compare``'s) is read by the same functions: :func:`read_config_file`,
+:func:`apply_overrides` for ``--set`` and :func:`load_section`, which builds a dataclass from a mapping.
 """
 
 from __future__ import annotations
@@ -62,12 +64,11 @@ class AnchorConfig:
 
 
 @dataclass
-class TrainConfig:
+class BaseTrainConfig:
+    """The ``train:`` fields every trainer config shares (SFT's :class:`TrainConfig`, RL's ``RLTrainConfig``), with
+    SFT's defaults; each subclass adds its own fields and may override a default."""
     lr: float = 1e-6
-    epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 4  # per device
-    grad_accum: int = 4
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
@@ -79,8 +80,15 @@ class TrainConfig:
     seed: int = 42
     bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
-    loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
     report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, trackio, ... ([] = none)
+
+
+@dataclass
+class TrainConfig(BaseTrainConfig):
+    epochs: float = 1.0
+    batch_size: int = 4  # per device
+    grad_accum: int = 4
+    loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
     nan_policy: str = "stop"  # non-finite loss/penalty/gradient: stop (at that step) | skip (drop the step's update)
     nan_max_skips: int = 10  # with nan_policy=skip: stop once more than this many steps were skipped
 
@@ -127,28 +135,23 @@ ALIASES = {"rank": "anchor.rank", "k": "anchor.rank", "lam": "anchor.lam", "lamb
            "period": "anchor.period", "lr": "train.lr", "max_steps": "train.max_steps", "seed": "train.seed"}
 
 
-def _keys(cls) -> list[str]:
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def section_keys(cls) -> list[str]:
+    """Every dotted leaf key of the dataclass ``cls`` (nested dataclass fields are sections), in field order."""
     out = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, type) and dataclasses.is_dataclass(f.type)):
-            out += [f"{f.name}.{k}" for k in _keys(f.type)]
-        else:
-            out.append(f.name)
+    for name, tp in typing.get_type_hints(cls).items():
+        out += [f"{name}.{k}" for k in section_keys(tp)] if _is_section(tp) else [name]
     return out
 
 
 def all_keys() -> list[str]:
-    return _keys(_resolved(Config))
+    return section_keys(Config)
 
 
-def _resolved(cls):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        f.type = hints[f.name]
-    return cls
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Coerce a YAML/CLI value to the field's annotated type, or raise a ConfigError naming the key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -162,7 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
@@ -171,7 +174,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, key) for v in value]
+        return [coerce(v, args[0] if args else Any, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -207,31 +210,40 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, all_keys() + list(ALIASES), n=1)
+def unknown_key(key: str, cls=None, *, label: str = "config", aliases: dict | None = None) -> ConfigError:
+    """The error for a key ``cls`` (default :class:`Config`) does not have: the closest valid key or alias, and
+    every valid key."""
+    keys = section_keys(Config if cls is None else cls)
+    aliases = ALIASES if cls in (None, Config) and aliases is None else aliases or {}
+    close = difflib.get_close_matches(key, keys + list(aliases), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint} Valid keys: {', '.join(all_keys())}")
+    return ConfigError(f"unknown {label} key {key!r}{hint} Valid keys: {', '.join(keys)}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
-    cls = _resolved(cls)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+def load_section(cls, mapping: Any, where: str = "", *, label: str = "config", aliases: dict | None = None,
+                 _root=None):
+    """Build the dataclass ``cls`` from a mapping — the one loader of every config (train, rl, compare).
+
+    Nested dataclass fields are sections (built the same way; an empty section takes its class's defaults), every
+    other value is coerced to its field's annotated type (:func:`coerce`), and an unknown key is a ConfigError with
+    the closest valid key of the whole config (``label`` names the config in the message: "unknown rl config key
+    ..."). ``where`` is the dotted prefix of ``mapping`` inside the file ("" at the top)."""
+    root = cls if _root is None else _root
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {mapping!r}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for k, v in data.items():
-        key = prefix + str(k)
-        if k not in fields:
-            raise _unknown(key)
-        f = fields[k]
-        if isinstance(f.type, type) and dataclasses.is_dataclass(f.type):
-            kwargs[k] = _build(f.type, v or {}, key + ".")
-        else:
-            kwargs[k] = _coerce(v, f.type, key)
+    for k, v in mapping.items():
+        key = where + str(k)
+        if k not in hints:
+            raise unknown_key(key, root, label=label, aliases=aliases)
+        tp = hints[k]
+        kwargs[k] = load_section(tp, v or {}, key + ".", label=label, aliases=aliases, _root=root) \
+            if _is_section(tp) else coerce(v, tp, key)
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """YAML for a CLI value, plus numbers YAML 1.1 leaves as strings (``1e-6``)."""
     try:
         v = yaml.safe_load(text)
@@ -246,18 +258,23 @@ def _parse_scalar(text: str) -> Any:
     return v
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``key=value`` overrides (dotted keys, aliases allowed) to a nested config dict in place."""
+def apply_overrides(data: dict, overrides: list[str], cls=None, *, label: str = "config",
+                    aliases: dict | None = None, free: tuple[str, ...] = ("trainer.", "data.columns."),
+                    example: str = "anchor.rank=128") -> dict:
+    """Apply ``key=value`` overrides (dotted keys, aliases allowed) to the nested dict of a ``cls`` config (default
+    :class:`Config`) in place. Keys under a ``free`` prefix (free-form sections) are checked when the run starts;
+    a whole section may be given as a mapping (``--set 'id={limit: 3}'``)."""
+    cls = Config if cls is None else cls
+    aliases = ALIASES if cls is Config and aliases is None else aliases or {}
+    keys = set(section_keys(cls))
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k}
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set anchor.rank=128")
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set {example}")
         key, text = item.split("=", 1)
-        key = ALIASES.get(key.strip(), key.strip())
-        if key.startswith(("trainer.", "data.columns.")):  # free-form sections, checked when the run starts
-            set_dotted(data, key, text, item)
-            continue
-        if key not in all_keys():
-            raise _unknown(key)
+        key = aliases.get(key.strip(), key.strip())
+        if not key.startswith(free) and key not in keys and key not in sections:
+            raise unknown_key(key, cls, label=label, aliases=aliases)
         set_dotted(data, key, text, item)
     return data
 
@@ -270,7 +287,15 @@ def set_dotted(data: dict, key: str, text: str, item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {p} is not a section")
-    node[parts[-1]] = _parse_scalar(text)
+    node[parts[-1]] = parse_value(text)
+
+
+# the names compare.py imports until it loads its config through load_section (then these two go)
+_parse_scalar = parse_value
+
+
+def _unknown(key: str) -> ConfigError:
+    return unknown_key(key)
 
 
 def read_config_file(path: str | Path | None, examples: str = "configs/") -> dict:
@@ -292,7 +317,7 @@ def read_config_file(path: str | Path | None, examples: str = "configs/") -> dic
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     data = read_config_file(path)
     apply_overrides(data, overrides or [])
-    cfg = _build(Config, data)
+    cfg = load_section(Config, data)
     validate(cfg)
     return cfg
 
@@ -304,13 +329,7 @@ def validate(cfg: Config) -> None:
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
         (t.epochs > 0 or t.max_steps > 0, "set train.epochs > 0 or train.max_steps > 0"),
-        (a.period >= 1, f"anchor.period must be >= 1 (apply every s optimizer steps), got {a.period}"),
-        (a.lam >= 0, f"anchor.lam must be >= 0, got {a.lam}"),
-        (a.svd in ("exact", "gram", "randomized"), f"anchor.svd must be exact, gram or randomized, got {a.svd!r}"),
-        (a.mode in ("auto", "closed_form", "autograd"), f"anchor.mode must be auto, closed_form or autograd, got "
-                                                          f"{a.mode!r}"),
-        (a.frame_dtype in ("fp32", "bf16", "fp16"), f"anchor.frame_dtype must be fp32, bf16 or fp16, got "
-                                                    f"{a.frame_dtype!r}"),
+        *anchor_checks(a),
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
     raise_first_failed(checks)
@@ -320,6 +339,19 @@ def validate(cfg: Config) -> None:
     from .preflight import check_values
 
     check_values(cfg)  # finiteness, ranges, non-empty paths and targets, rank syntax: before anything loads
+
+
+def anchor_checks(a: AnchorConfig) -> list[tuple[bool, str]]:
+    """The `(ok, message)` checks of an ``anchor:`` section, shared by every config that has one (train, rl)."""
+    return [
+        (a.period >= 1, f"anchor.period must be >= 1 (apply every s optimizer steps), got {a.period}"),
+        (a.lam >= 0, f"anchor.lam must be >= 0, got {a.lam}"),
+        (a.svd in ("exact", "gram", "randomized"), f"anchor.svd must be exact, gram or randomized, got {a.svd!r}"),
+        (a.mode in ("auto", "closed_form", "autograd"), f"anchor.mode must be auto, closed_form or autograd, got "
+                                                          f"{a.mode!r}"),
+        (a.frame_dtype in ("fp32", "bf16", "fp16"), f"anchor.frame_dtype must be fp32, bf16 or fp16, got "
+                                                    f"{a.frame_dtype!r}"),
+    ]
 
 
 def raise_first_failed(checks: list[tuple[bool, str]]) -> None:

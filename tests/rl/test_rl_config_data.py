@@ -8,7 +8,7 @@ import pytest
 
 from rpsft.config import ConfigError
 from rpsft.rl import load_prompts, load_rl_config
-from rpsft.rl_rewards import decode_gold
+from rpsft.rl.rewards import decode_gold
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_vllm_requested_without_vllm_or_gpu_is_a_clear_error():
 
     import torch
 
-    from rpsft.rl import use_vllm_default
+    from rpsft.rl.trainer import use_vllm_default
 
     if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
         pytest.skip("vLLM and a GPU are present")

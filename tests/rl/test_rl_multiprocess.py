@@ -9,8 +9,9 @@ import pytest
 
 from rl_helpers import tiny_overrides
 
-import rpsft.rl as rl
-from rpsft.rl import build_grpo_config, load_prompts, load_rl_config, run_rl
+import rpsft.rl.run as rl
+from rpsft.rl import load_prompts, load_rl_config, run_rl
+from rpsft.rl.trainer import build_grpo_config, vllm_max_model_length
 
 
 def test_rank_comes_from_the_launcher(monkeypatch):
@@ -58,7 +59,7 @@ def test_vllm_context_is_the_longest_prompt_plus_the_completion(tiny_model_dir, 
     prompts = load_prompts(cfg)
     longest = max(len(tok(tok.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True),
                           add_special_tokens=False).input_ids) for p in prompts)
-    n = rl.vllm_max_model_length(cfg, tok, prompts)
+    n = vllm_max_model_length(cfg, tok, prompts)
     assert n % 256 == 0 and longest + 300 <= n < longest + 300 + 256
     args = build_grpo_config(cfg, tmp_path / "run", [1.0, 1.0], use_vllm=True, vllm_max_model_length=n)
     assert args.vllm_max_model_length == n

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from rpsft.rl_rewards import (MathCorrectnessReward, build_reward_funcs, completion_text, decode_gold, encode_gold,
+from rpsft.rl.rewards import (MathCorrectnessReward, build_reward_funcs, completion_text, decode_gold, encode_gold,
                               informative_groups, soft_overlong_punishment)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rpsft.rl_sampling import pack_groups, refill_size
+from rpsft.rl.sampling import pack_groups, refill_size
 
 PAD = 9
 

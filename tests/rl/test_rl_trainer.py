@@ -10,7 +10,8 @@ import torch
 
 from rl_helpers import SYNTH_ROWS, tiny_overrides
 
-from rpsft.rl import build_trainer, load_prompts, load_rl_config
+from rpsft.rl import load_prompts, load_rl_config
+from rpsft.rl.trainer import build_trainer
 
 
 def make_trainer(tiny_model_dir, synth_file, tmp_path, extra: dict, anchor: bool = False):

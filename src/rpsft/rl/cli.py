@@ -1,4 +1,4 @@
-"""``rpsft rl``: DAPO from an SFT checkpoint (registered by rpsft.cli as ``app.add_typer(rl_cli.app, name="rl")``).
+"""``rpsft rl``: DAPO from an SFT checkpoint (registered by rpsft.cli as the ``rl`` sub-app: ``app`` below).
 
 Imports stay cheap: torch, TRL and the trainer load inside the command."""
 
@@ -28,13 +28,14 @@ def rl(
     checkpoint, metrics.jsonl, config.yaml and run.json to output_dir."""
     from rich.console import Console
 
-    from .cli import friendly_errors
+    from ..cli import friendly_errors
 
     console = Console(stderr=True)
 
     @friendly_errors  # one red line and exit 2 for user errors, like every other command
     def go():
-        from .rl import load_rl_config, run_rl
+        from .config import load_rl_config
+        from .run import run_rl
 
         cfg = load_rl_config(config, set_, init=init)
         d = cfg.dapo
@@ -42,7 +43,7 @@ def rl(
                       f"prompts/step={d.prompts_per_step} L_max={d.max_completion_length} lr={cfg.train.lr} "
                       f"steps={cfg.train.max_steps} anchor={'on' if cfg.anchor.enabled else 'off'} -> "
                       f"{cfg.output_dir}", highlight=False)
-        from .quiet import quiet_console
+        from ..quiet import quiet_console
 
         with quiet_console(Path(cfg.output_dir) / "rl.log"):  # library logs and warnings -> the run's log file
             return run_rl(cfg, resume=resume, overwrite=overwrite, console=console)

@@ -5,7 +5,7 @@ GRPOTrainer turns one generation batch (prompts × G completions) into a dict of
 tensors) right-padded, one ``advantages`` value per completion, and ``num_items_in_batch``, the token count that
 ``loss_type="dapo"`` divides by. Advantages are normalised within each group of G, so a whole group can move
 between batches unchanged. This module cuts groups out of several scored batches and packs them into one batch of
-the original size; ``rpsft.rl.DAPOTrainer`` decides which groups.
+the original size; ``rpsft.rl.trainer.DAPOTrainer`` decides which groups.
 
 Filler groups (used only when ``max_gen_rounds`` rounds did not find enough informative groups) keep the batch
 shape TRL expects but get ``completion_mask = 0`` and advantage 0: no gradient and no weight in the token-mean
