@@ -111,7 +111,7 @@ def test_nbytes_formula(model):
             else:
                 want += (m + n + 1) * t.k * 4 if frame is None else (m + n) * t.k * 2 + t.k * 4 + t.k ** 2 * 2
         assert anchor.nbytes == want, frame
-        # and the by-shape formula used for the 7B/8B projections in docs/method.md
+        # and the by-shape formula used for the 7B/8B projections in docs/math.md
         by_k = {}
         for name, t in anchor.terms.items():
             by_k.setdefault(t.k if not t.full else 10 ** 6, []).append(shapes[name])
