@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rl_helpers import tiny_overrides
+from .rl_helpers import tiny_overrides
 
 import rpsft.rl as rl
 from rpsft.rl import build_grpo_config, load_prompts, load_rl_config, run_rl
