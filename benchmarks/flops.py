@@ -1,4 +1,4 @@
-"""FLOP and memory model of the rotation anchor at the paper's scale (issue 6.5, for sessions without a GPU).
+"""FLOP and memory model of the rotation anchor at the paper's scale (an estimate for machines without a GPU).
 
 Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
 
@@ -16,7 +16,7 @@ Two ratios are printed: FLOP (hardware-independent), and an H100 time estimate t
 tensor-core peak × MFU and the anchor at its own arithmetic (IEEE fp32 on CUDA cores, fp64 tensor cores, or
 3×TF32/3×bf16 splits); the assumed peaks and efficiencies are printed with the numbers. Under data/FSDP parallelism
 the per-GPU step shrinks with the number of ranks, so the anchor must shrink with it (row-sharded anchor,
-issue 6.3); if every rank computed every matrix the time ratio would be multiplied by the number of ranks.
+docs/math.md §10); if every rank computed every matrix the time ratio would be multiplied by the number of ranks.
 
     python benchmarks/flops.py [--rank 768] [--global-batch 16] [--seq-len 4096] [--period 1] [--out FILE]
 """

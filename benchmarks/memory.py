@@ -1,4 +1,4 @@
-"""Anchor memory vs the formula (issue 6 goal: ≤ (m + n)·k·bytes + O(k) per matrix, no W0 copy for low-rank ones).
+"""Anchor memory vs the formula (goal: ≤ (m + n)·k·bytes + O(k) per matrix, no W0 copy for low-rank ones).
 
 Builds ``RotationAnchor.from_model`` at each k and compares ``anchor.nbytes`` with Σ (m + n + 1)·k·4 over low-rank
 matrices + Σ m·n·4 over those that keep W0 (square matrices at full rank), and checks that no term with bases

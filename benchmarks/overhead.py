@@ -1,4 +1,4 @@
-"""Step-time overhead of the rotation anchor over plain SFT (issue 2 / 6 goal: RPSFT/SFT <= 1.02).
+"""Step-time overhead of the rotation anchor over plain SFT (goal: RPSFT/SFT <= 1.02).
 
 Setting: SmolLM2-135M-Instruct fp32 on this machine, the seven projections of all 30 layers anchored at k=128,
 micro-batches of 4×256 tokens, gradient accumulation 4, AdamW with clipping — one optimizer step is 4 forward/

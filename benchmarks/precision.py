@@ -1,4 +1,4 @@
-"""Precision of the anchor residual A = U_kᵀWV_k − diag σ_k and of ∇R = 2·U_k A V_kᵀ at realistic drift (issue 6.1).
+"""Precision of the anchor residual A = U_kᵀWV_k − diag σ_k and of ∇R = 2·U_k A V_kᵀ at realistic drift.
 
 Setting: real SmolLM2-135M-Instruct matrices (the seven projections of a few layers; the embedded checkpoint,
 de-quantised from the Q4_1 GGUF, not the original bf16 weights: docs/eval.md), bases from

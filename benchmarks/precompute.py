@@ -1,4 +1,4 @@
-"""Bases precompute: exact SVD vs Gram-eigh vs randomized SVD on every projection matrix of a model (issue 6.2).
+"""Bases precompute: exact SVD vs Gram-eigh vs randomized SVD on every projection matrix of a model.
 
 For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices;
 the embedded checkpoint, de-quantised from the Q4_1 GGUF: docs/eval.md) and each k

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 gives the same RPSFT run as plain PyTorch (issue 6.3): a check, not a timing.
+"""DeepSpeed ZeRO-2 gives the same RPSFT run as plain PyTorch: a check, not a timing.
 
 Under DeepSpeed the gradient buffers belong to DeepSpeed, so the closed-form anchor cannot add 2λ·U_k A V_kᵀ to
 ``.grad``; ``anchor.mode=auto`` switches to the autograd form (λ·R added to the loss of the last micro-batch of

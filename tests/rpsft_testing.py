@@ -1,6 +1,11 @@
-"""Test helpers shared across test packages (a unique module name: several test folders have a conftest.py)."""
+"""Test helpers shared across test packages: the tokenizer and tiny-model factories, a stop-at-step callback, and
+the two-process (gloo) helpers of the sharded-anchor tests. Imported as ``rpsft_testing`` (tests/ is on pytest's
+pythonpath)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -61,3 +66,58 @@ def StopAt(step: int):
                 control.should_training_stop = True
 
     return _StopAt()
+
+
+# ------------------------------------------------------------------ two CPU processes (gloo): FSDP2-sharded anchors
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, out_dir, world: int = 2) -> None:
+    """Run ``worker(rank, world, port, out_dir)`` on ``world`` spawned processes and wait for all of them."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True,
+                       start_method="spawn")
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """This process as rank ``rank`` of a gloo group (one torch thread, as under ``accelerate launch``)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+        # Both ranks reach here before either tears gloo down: a rank that destroys its group while
+        # its peer is still mid-collective or mid-teardown aborts the peer ("terminate called without
+        # an active exception", SIGABRT; seen about 1 run in 8 on 2 busy cores).
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def perturb_and_shard(model, ref_model, world: int, seed: int = 5, scale: float = 1e-2) -> None:
+    """Add the same random ΔW to both models, then FSDP2-shard ``model`` by decoder layer (``ref_model`` stays
+    whole, the unsharded reference)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+            d = torch.randn(p.shape, generator=g) * scale
+            p.add_(d)
+            q.add_(d)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 
-import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rpsft_testing import gloo_rank, make_tiny_llama, perturb_and_shard, run_ranks
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
+    with gloo_rank(rank, world, port):
         import rpsft.bases as bases
-        from rpsft_testing import make_tiny_llama
         from rpsft.anchor import RotationAnchor
 
         calls = []
@@ -46,16 +31,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             for x, y in ((a.U, b.U), (a.S, b.S), (a.V, b.V), (a.W0, b.W0)):
                 assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), a.name
 
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for (_, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
-                d = torch.randn(p.shape, generator=g) * 1e-2
-                p.add_(d)
-                q.add_(d)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        perturb_and_shard(model, ref_model, world)
 
         r_sharded = anchor.accumulate_grad_(model, weight=0.5)
         r_ref = ref.accumulate_grad_(ref_model, weight=0.5)
@@ -99,18 +75,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert abs(drift[n]["abs"] - ref_drift[n]["abs"]) <= 1e-5 * ref_drift[n]["abs"]
         with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
             f.write(f"{r_sharded} {r_ref}")
-        # Both ranks reach here before either tears gloo down: a rank that destroys its group while
-        # its peer is still mid-collective or mid-teardown aborts the peer ("terminate called without
-        # an active exception", SIGABRT; seen about 1 run in 8 on 2 busy cores).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_anchor_matches_unsharded(tmp_path):
-    world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    run_ranks(_worker, tmp_path, world=2)
     assert (tmp_path / "ok0").is_file() and (tmp_path / "ok1").is_file()
     c0 = torch.load(tmp_path / "calls0.pt")["calls"]
     c1 = torch.load(tmp_path / "calls1.pt")["calls"]

@@ -18,7 +18,7 @@ from rpsft.frames import OFFDIAG_TOL, anchor_nbytes, get_lean_bases, parse_frame
 from rpsft.train import AnchoredSFTTrainer
 
 from rpsft_testing import make_tiny_llama
-from test_train import PerMicroBatchPenalty, cfg_for, max_rel_diff, run_trainer
+from .test_train import PerMicroBatchPenalty, cfg_for, max_rel_diff, run_trainer
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -111,7 +111,7 @@ def test_nbytes_formula(model):
             else:
                 want += (m + n + 1) * t.k * 4 if frame is None else (m + n) * t.k * 2 + t.k * 4 + t.k ** 2 * 2
         assert anchor.nbytes == want, frame
-        # and the by-shape formula used for the 7B/8B projections in docs/method.md
+        # and the by-shape formula used for the 7B/8B projections in docs/math.md
         by_k = {}
         for name, t in anchor.terms.items():
             by_k.setdefault(t.k if not t.full else 10 ** 6, []).append(shapes[name])
@@ -201,7 +201,7 @@ def test_offdiag_falls_back_to_fp32_on_overflow_or_rounding_error(model, monkeyp
 
 
 def test_lean_anchor_follows_the_model_to_another_device(model):
-    from test_placement import DeviceLog
+    from .test_placement import DeviceLog
 
     anchor = RotationAnchor.from_model(model, rank={"down_proj": 1.0, "*": 4}, frame_dtype="bf16")
     dtypes = {n: [x.dtype for x in t.tensors()] for n, t in anchor.terms.items()}

@@ -6,24 +6,15 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from test_distributed import _free_port
+from rpsft_testing import gloo_rank, make_tiny_llama, perturb_and_shard, run_ranks
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
+    with gloo_rank(rank, world, port):
         from rpsft.anchor import RotationAnchor
         from rpsft.distributed import row_shard
         from rpsft.frames import get_lean_bases
-        from rpsft_testing import make_tiny_llama
 
         model = make_tiny_llama(64, inter=80, hidden=48)  # 48 rows of q/o; 24 of k/v: uneven over 2 ranks too
         ref_model = make_tiny_llama(64, inter=80, hidden=48)
@@ -39,16 +30,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert torch.equal(t.U, local.U) and torch.equal(t.V, local.V) and torch.equal(t.Aref, local.A), name
             assert t.Aref.dtype == local.A.dtype == torch.float16 and torch.equal(t.S, local.S), name
 
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for (_, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
-                d = torch.randn(p.shape, generator=g) * 1e-2
-                p.add_(d)
-                q.add_(d)
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        perturb_and_shard(model, ref_model, world)
 
         r_sharded = anchor.accumulate_grad_(model, weight=0.5)
         r_ref = ref.accumulate_grad_(ref_model, weight=0.5)
@@ -69,13 +51,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert abs(drift[n]["abs"] - ref_drift[n]["abs"]) <= 1e-5 * ref_drift[n]["abs"]
         with open(os.path.join(out_dir, f"ok{rank}"), "w") as f:
             f.write(f"{r_sharded} {r_ref}")
-        dist.barrier()  # both ranks finish before either tears gloo down (see test_distributed.py)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_lean_anchor_matches_unsharded(tmp_path):
-    world = 2
-    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    run_ranks(_worker, tmp_path, world=2)
     assert (tmp_path / "ok0").is_file() and (tmp_path / "ok1").is_file()

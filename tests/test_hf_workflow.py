@@ -11,7 +11,7 @@ from rpsft.config import ConfigError, load_config
 from rpsft.trainer_args import check_report_to, check_trainer_section
 from rpsft.train import build_sft_config, train
 
-from test_train import cfg_for
+from .test_train import cfg_for
 
 
 def test_trainer_section_reaches_sft_config_and_wins(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -35,10 +36,15 @@ def test_smollm2_rpsft_few_steps(tmp_path, synth_data, monkeypatch):
     cfg = load_config(None, [f"data.train={synth_data['train']}", f"output_dir={tmp_path / 'run'}",
                              "data.limit=8", "data.max_length=160", "train.batch_size=2", "train.grad_accum=2",
                              "train.max_steps=2", "train.lr=1e-5", "anchor.rank=32", "anchor.layers=0-3"])
-    summary = train(cfg, progress=False)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    assert len(losses) == 2 and all(0 < x < 5 for x in losses)  # an instruct model on easy math: low NLL
-    assert summary["anchor"]["matrices"] == 28 and summary["anchor"]["final_penalty"] > 0
-    tuned, _ = load_model(str(tmp_path / "run"))
-    assert not torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, q)
+    try:
+        summary = train(cfg, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        assert len(losses) == 2 and all(0 < x < 5 for x in losses)  # an instruct model on easy math: low NLL
+        assert summary["anchor"]["matrices"] == 28 and summary["anchor"]["final_penalty"] > 0
+        tuned, _ = load_model(str(tmp_path / "run"))
+        assert not torch.equal(tuned.model.layers[0].self_attn.q_proj.weight, q)
+    finally:
+        # a full SmolLM2 run: ≈ 0.5 GB of weights plus a checkpoint with its Adam states (≈ 2 GB in all); pytest
+        # keeps the last three temp dirs, so the weights go as soon as the assertions have read them
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)

@@ -15,7 +15,7 @@ vector are stored otherwise — no k×k block and no copy of W0 — i.e. (m + n 
 
 Everything is computed in ``dtype`` (fp32 by default) whatever the weight dtype, with TF32 forced off (even when
 the Trainer enables it for the model): A is a small difference of large numbers, TF32 turns it into rounding
-noise, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation (docs/method.md, precision table).
+noise, and the authors' fp16 bases leave R ≈ 1e-4 per matrix at initialisation (docs/math.md, precision table).
 
 ``frame_dtype="bf16"`` / ``"fp16"`` stores U_k, V_k rounded to that dtype plus the k×k block A_ref = U_lᵀ W0 V_l of
 the rounded frames (its diagonal σ_k in fp32, its small off-diagonal in fp16), and subtracts A_ref instead of
@@ -74,7 +74,7 @@ def _refuse_partitioned(name: str, p: torch.Tensor) -> None:
     if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or p.numel() == 0:
         raise RuntimeError(
             f"parameter {name} is partitioned (DeepSpeed ZeRO-3 or an empty placeholder): the rotation anchor needs "
-            "full weight matrices. Use ZeRO-2 or FSDP2 (see docs/method.md), or build the anchor before sharding."
+            "full weight matrices. Use ZeRO-2 or FSDP2 (see docs/math.md), or build the anchor before sharding."
         )
 
 

@@ -120,7 +120,7 @@ RANDOMIZED_MIN_NITER = 4
 
 
 def _check_randomized(niter: int) -> None:
-    """Randomized bases on flat spectra are wrong at low niter (measured on SmolLM2, docs/method.md §8)."""
+    """Randomized bases on flat spectra are wrong at low niter (measured on SmolLM2, docs/math.md §8)."""
     if niter < RANDOMIZED_MIN_NITER:
         raise ValueError(
             f"svd=randomized with niter={niter} finds the wrong top-k subspace on flat spectra (all 210 SmolLM2 "

@@ -9,7 +9,7 @@ The fix is to subtract the reference that belongs to the stored frames:
     R(W)  = ‖U_lᵀ W V_l − A_ref‖²_F = ‖U_lᵀ (W − W0) V_l‖²_F                          (Eq. 3 on the frame U_l, V_l)
 
 which is zero at W0 up to fp32 round-off of the product, whatever the frame's precision. The frame itself is the
-exact one turned by a small angle (measured in docs/method.md §7: 2.2e-3 rad for bf16, 2.8e-4 for fp16), and its
+exact one turned by a small angle (measured in docs/math.md §7: 2.2e-3 rad for bf16, 2.8e-4 for fp16), and its
 columns are orthonormal to the same order; the penalty is still the squared projection of the drift W − W0 onto a
 k-dimensional pair of subspaces. Frames are upcast to the compute dtype one matrix at a time inside the penalty and
 its gradient, so the transient memory is one matrix's fp32 frames.
@@ -18,7 +18,7 @@ A_ref is stored split: its diagonal σ_k = diag A_ref in fp32 (the Rayleigh quot
 drift scale), its off-diagonal in fp16 with a zero diagonal. The off-diagonal entries are of the order of the frame
 rounding times σ (the rounded frames almost diagonalise W0), so fp16's 11 mantissa bits leave an error of the order
 of the fp32 round-off of the product: measured on SmolLM2 with bf16 frames, R(W0) = 9.6e-14·Σσ² against 3.7e-14 with
-the whole block in fp32 (docs/method.md §7). fp16 rather than bf16 because the entries are small, so fp16's range is
+the whole block in fp32 (docs/math.md §7). fp16 rather than bf16 because the entries are small, so fp16's range is
 ample and its 3 extra mantissa bits count (the off-diagonal in bf16 measured larger, §7). The
 rounding error is computed per matrix when the reference is stored; where it exceeds ``OFFDIAG_TOL``·‖σ_k‖² or an
 entry overflows fp16, that matrix keeps its off-diagonal in fp32 (``store_offdiag``). The compute upcasts
@@ -27,7 +27,7 @@ A_ref = diag σ_k + off-diagonal per matrix (one transient k×k block).
 Storage per low-rank matrix: (m + n)·k·2 + k·4 + k²·2 bytes (frames, σ_k, fp16 off-diagonal; + k²·2 more for a
 matrix whose off-diagonal fell back to fp32) against (m + n + 1)·k·4 for fp32 frames. fp32 frames keep the
 σ-diagonal form, so the default path's memory and cost are unchanged: an A_ref for them would remove the small
-off-diagonal that fp32 rounding of U, V leaves at W0 (measured in docs/method.md §7: R(W0) 8.6e-13 → 4.0e-14 of Σσ²
+off-diagonal that fp32 rounding of U, V leaves at W0 (measured in docs/math.md §7: R(W0) 8.6e-13 → 4.0e-14 of Σσ²
 on SmolLM2), but costs k²·2 more bytes per matrix (+2.2 % at k = 768 on Qwen2.5-7B, +5.6 % for SmolLM2's 576×576 at
 k = 128); ``lean_bases(W0, b, torch.float32)`` computes it for experiments.
 

@@ -3,7 +3,7 @@
 Why this needs care: the entries of U_kᵀ W V_k are of the size of σ (≈ 1–30 on the embedded SmolLM2,
 de-quantised from Q4_1: docs/eval.md), while after a few steps at lr 1e-6 the true A is of the size of the drift
 (≈ 1e-6–1e-4). A is a difference of large, nearly equal numbers, so every bit the matmul drops from U_kᵀ W V_k
-lands in A. This module implements the strategies compared in ``benchmarks/precision.py`` (table in docs/method.md):
+lands in A. This module implements the strategies compared in ``benchmarks/precision.py`` (table in docs/math.md):
 
 ``fp64``    operands cast to float64 (the reference; exact up to 1e-16 relative)
 ``fp32``    IEEE fp32 matmuls with TF32 forced off (see :func:`ieee_fp32`)

@@ -35,22 +35,18 @@ def make_tokenizer():
     return rpsft_testing.make_tokenizer(CORPUS, vocab_size=320, unk_token="<|endoftext|>")
 
 
-def make_model(tokenizer, seed: int = 0):
-    return rpsft_testing.make_tiny_llama(len(tokenizer), seed, tokenizer=tokenizer, tie=False, max_positions=256)
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """{'base': dir, 'tuned': dir, 'tuned2': dir, 'data': jsonl, 'delta': {name: ΔW}} — tuned = base + ΔW."""
     root = tmp_path_factory.mktemp("tiny")
     tok = make_tokenizer()
-    base = make_model(tok)
+    base = rpsft_testing.make_tiny_llama(len(tok), tokenizer=tok, tie=False, max_positions=256)
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     deltas = {}
     for tag, scale in (("tuned", 0.02), ("tuned2", 0.05)):
         g = torch.Generator().manual_seed(1 if tag == "tuned" else 2)
-        tuned = make_model(tok)
+        tuned = rpsft_testing.make_tiny_llama(len(tok), tokenizer=tok, tie=False, max_positions=256)
         tuned.load_state_dict(base.state_dict())
         d = {}
         with torch.no_grad():

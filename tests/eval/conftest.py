@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import rpsft_testing
-from eval_helpers import mcq_user, official_row
+from .eval_helpers import mcq_user, official_row
 
 CORPUS = ["The answer is A. The answer is B. The answer is C. The answer is D.",
           "Please reason step by step, and put your final answer within \\boxed{}.",
@@ -22,16 +22,12 @@ def make_tokenizer():
     return rpsft_testing.make_tokenizer(CORPUS * 5, vocab_size=400, unk_token="<|endoftext|>")
 
 
-def make_model(tok, seed: int = 0):
-    return rpsft_testing.make_tiny_llama(len(tok), seed, inter=64, tokenizer=tok, tie=False)
-
-
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A checkpoint directory (config.json, safetensors, tokenizer with chat template)."""
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = make_tokenizer()
-    make_model(tok).save_pretrained(path)
+    rpsft_testing.make_tiny_llama(len(tok), inter=64, tokenizer=tok, tie=False).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from typer.testing import CliRunner
 
-from eval_helpers import mcq_user, official_row
+from .eval_helpers import mcq_user, official_row
 from rpsft.cli import app
 from rpsft.eval.data_files import install_eval_files, rows_digest
 from rpsft.eval.hub_fallbacks import FALLBACKS

@@ -7,7 +7,7 @@ from rpsft.eval.judges import extract_boxed, ifeval_loose, last_number, math_cor
     parse_choices
 from rpsft.eval.runner import judge_completion
 
-from eval_helpers import mcq_user
+from .eval_helpers import mcq_user
 
 
 @pytest.mark.parametrize("text,expected", [

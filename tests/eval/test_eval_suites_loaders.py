@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from eval_helpers import mcq_user, official_row
+from .eval_helpers import mcq_user, official_row
 from rpsft.eval.loaders import BOXED_SYSTEM_PROMPT, EvalDataError, load_items, row_to_item
 from rpsft.eval.suites import BENCHMARKS, GROUPS, SuiteError, expand_suites, resolve_benchmark, source_path
 

@@ -9,16 +9,6 @@ import torch
 from rpsft.config import load_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny-model ops are far too small to split; on a shared 2-core box two threads per op make a train run ~8x
-    slower (measured: 11 s -> 1.3 s). Restored afterwards so other test areas are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def make_cfg(tiny_model_dir, synth_data, tmp_path):
     def make(method: str, *extra: str, name: str | None = None):

@@ -1,4 +1,4 @@
-"""Every method is registered with an honest anchor policy, and docs/methods.md documents each one's command."""
+"""Every method is registered with an honest anchor policy, and docs/baselines.md documents each one's command."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from rpsft.methods import available, get_method
 
 ALL = ["dft", "iw", "l2init", "lora", "osf", "rpsft", "rpsft_lora", "sft"]
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "baselines.md"
 
 
 def test_all_methods_registered_with_their_anchor_policy():

@@ -10,7 +10,7 @@ from rpsft.anchor import RotationAnchor
 from rpsft.methods.lora import wrap_lora
 from rpsft.methods.rpsft_lora import LoraRotationAnchor
 
-from test_rpsft_lora import RANKS, close, effective
+from .test_rpsft_lora import RANKS, close, effective
 
 
 def test_factored_lean_equals_dense_lean(make_cfg, tiny_model_dir):

@@ -1,5 +1,4 @@
-"""Hand-written RL test data and helpers (a module of its own, so that its name never clashes with another
-directory's conftest)."""
+"""Hand-written RL test data and helpers, shared by the RL tests and their conftest."""
 
 from __future__ import annotations
 

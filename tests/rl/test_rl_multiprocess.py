@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from rl_helpers import tiny_overrides
+from .rl_helpers import tiny_overrides
 
 import rpsft.rl.run as rl
 from rpsft.rl import load_prompts, load_rl_config, run_rl

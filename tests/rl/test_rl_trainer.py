@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rl_helpers import SYNTH_ROWS, tiny_overrides
+from .rl_helpers import SYNTH_ROWS, tiny_overrides
 
 from rpsft.rl import load_prompts, load_rl_config
 from rpsft.rl.trainer import build_trainer

@@ -233,7 +233,7 @@ def math_correct(completion: str, gold: Any, timeout_s: float = 5.0) -> bool:
 
     Gold is parsed first (math-verify's ``verify(gold, pred)`` is asymmetric). No box -> False. Never hangs:
     each math-verify phase is bounded by ``timeout_s`` seconds (signal alarm in the main thread, a killable
-    child process elsewhere). This is also the RL reward (issue: RL with DAPO)."""
+    child process elsewhere). This is also the RL reward (``rpsft rl``)."""
     pred = extract_boxed(_after_think(completion))
     if pred is None:
         return False

@@ -89,22 +89,11 @@ def _answer_logprobs(model, rows: list[dict], batch_size: int):
     """Per row: log-softmax over the vocabulary at each answer position, shape (n_answer, V) (right-padded)."""
     import torch
 
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        seqs = [r["prompt_ids"] + r["answer_ids"] for r in chunk]
-        width = max(map(len, seqs))
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for j, r in enumerate(chunk):
-            p, a = len(r["prompt_ids"]), len(r["answer_ids"])
-            # logits at position t predict token t+1: answer tokens are predicted from positions p-1 .. p+a-2
-            yield torch.log_softmax(logits[j, p - 1 : p + a - 1].float(), dim=-1)
+    from .forward import answer_logits
+
+    pairs = [(r["prompt_ids"], r["answer_ids"]) for r in rows]
+    for lg in answer_logits(model, pairs, batch_size):
+        yield torch.log_softmax(lg, dim=-1)
 
 
 def _check_same_vocab(base_tok, tuned_tok, base: str, tuned: str) -> None:

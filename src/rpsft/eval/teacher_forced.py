@@ -52,34 +52,23 @@ def score_ids(model, pairs: list[tuple[list[int], list[int]]], stop: list[int], 
     None), ``token_acc`` and ``nll`` (mean over answer tokens). Right-padded batches, longest first."""
     import torch
 
-    device = next(model.parameters()).device
-    stops = torch.tensor(sorted(set(stop)) or [-1], device=device)
+    from .forward import answer_logits
+
+    stops = torch.tensor(sorted(set(stop)) or [-1], device=next(model.parameters()).device)
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: dict[int, dict] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        seqs = [pairs[i][0] + pairs[i][1] for i in idx]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for j, i in enumerate(idx):
-            p, a = len(pairs[i][0]), len(pairs[i][1])
-            if p == 0 or a == 0:
-                raise ValueError(f"item {i}: empty prompt or reference")
-            lg = logits[j, p - 1 : p + a - 1].float()  # position t predicts token t + 1
-            ref = torch.tensor(pairs[i][1], device=device)
-            pred = lg.argmax(-1)
-            is_stop = torch.isin(ref, stops)
-            hit = torch.where(is_stop, torch.isin(pred, stops), pred == ref)
-            miss = torch.nonzero(~hit)
-            nll = -torch.log_softmax(lg, -1).gather(-1, ref.unsqueeze(-1)).squeeze(-1)
-            results[i] = {"exact": bool(hit.all()), "first_miss": int(miss[0]) if len(miss) else None,
-                          "token_acc": float(hit.float().mean()), "nll": float(nll.mean()), "tokens": a}
+    for i, lg in zip(order, answer_logits(model, [pairs[i] for i in order], batch_size, pad_id)):
+        p, a = len(pairs[i][0]), len(pairs[i][1])
+        if p == 0 or a == 0:
+            raise ValueError(f"item {i}: empty prompt or reference")
+        ref = torch.tensor(pairs[i][1], device=lg.device)
+        pred = lg.argmax(-1)
+        is_stop = torch.isin(ref, stops)
+        hit = torch.where(is_stop, torch.isin(pred, stops), pred == ref)
+        miss = torch.nonzero(~hit)
+        nll = -torch.log_softmax(lg, -1).gather(-1, ref.unsqueeze(-1)).squeeze(-1)
+        results[i] = {"exact": bool(hit.all()), "first_miss": int(miss[0]) if len(miss) else None,
+                      "token_acc": float(hit.float().mean()), "nll": float(nll.mean()), "tokens": a}
     return [results[i] for i in range(len(pairs))]
 
 

@@ -1,7 +1,8 @@
 """Training-method registry: ``rpsft train --set method=NAME``.
 
 A method says whether it uses the rotation anchor, how it adjusts TRL's ``SFTConfig``, how it wraps the model
-(PEFT), and what it exports after training. Each method lives in its own small module and registers itself here.
+(PEFT), and what it exports after training. Each method lives in its own small module and registers itself here
+(adding one: docs/architecture.md, "Where to add").
 """
 
 from __future__ import annotations
