@@ -161,12 +161,9 @@ class RichProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from .terminal import progress_bar
 
-        self.progress = Progress(TextColumn("[bold]train[/bold] {task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress = progress_bar("[bold]train[/bold] {task.description}", console=self.console)
         self.progress.start()
         self.task = self.progress.add_task("", total=state.max_steps or None, completed=state.global_step)
 
