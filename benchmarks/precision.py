@@ -144,7 +144,7 @@ def main() -> None:
         results["by_rank"][str(k_req)] = block
 
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, results)
         print(f"\nwrote {args.out}")
@@ -270,7 +270,7 @@ def frames_study(args) -> None:
         print(f"   totals: R(W0) {summary[fd]['R0_total']:.2e} vs Σσ² {tot:.3e} -> "
               f"{summary[fd]['R0_total'] / tot:.1e} (goal <= 1e-6); naive {summary[fd]['R0_naive_total']:.2e}")
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, {"model": args.model, "layers": layers, "k": k_req, "lr": args.lr,
                               "summary": summary, "matrices": rows})

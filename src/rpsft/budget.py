@@ -160,7 +160,7 @@ class BudgetController:
         self.updates = int(state.get("updates", 0))
 
     def save(self, directory: str | Path) -> None:
-        from .io import write_json
+        from .fileio import write_json
 
         write_json(Path(directory) / STATE_FILE, self.state_dict())
 

@@ -30,7 +30,7 @@ def _out(out: Optional[Path], command: str) -> Path:
 
 
 def _csv(path: Path, rows: list[dict]) -> None:
-    from ..io import write_text
+    from ..fileio import write_text
 
     buf = io.StringIO()
     if rows:
@@ -109,7 +109,7 @@ def energy(
     """Gradient energy in the pretrained top-r frame (App. F.1, Fig. 2) and a per-matrix rank map."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from .energy import run_energy
     from .plots import plot_energy
 
@@ -161,7 +161,7 @@ def rotation(
     """Principal angles between base and tuned top-K singular subspaces (App. F.3, Figs 6-7)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .plots import plot_rotation
     from .rotation import run_rotation
@@ -210,7 +210,7 @@ def first_order(
     """Per-layer mean of <g_W, W_tuned - W_base>, g_W the base mean gradient (App. F.2, Fig. 5)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .first_order import run_first_order
     from .plots import plot_first_order
@@ -250,7 +250,7 @@ def drift(
     """Pooled hidden-state drift: centroid distance to the base and a 2-D PCA with arrows (App. F.6, Fig. 8)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .drift import run_drift
     from .plots import plot_drift
@@ -285,7 +285,7 @@ def entropy(
     """Mean token entropy of greedy continuations per sample, with a Gaussian KDE (App. F.4)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .entropy import run_entropy
     from .plots import plot_entropy

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .. import io
+from .. import fileio
 from ..anchor import RotationAnchor
 from ..config import load_config
 from ..train import train
@@ -109,4 +109,4 @@ def run_one(spec: dict) -> dict:
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result = run_one(spec)
-    io.write_json(spec["result_path"], result)
+    fileio.write_json(spec["result_path"], result)

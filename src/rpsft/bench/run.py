@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import io
+from .. import fileio
 from .report import markdown_table
 
 DEFAULT_METHODS = ("sft", "rpsft", "l2init", "dft", "iw", "lora")
@@ -43,7 +43,7 @@ def method_overrides(s: BenchSettings, method: str, out_dir: Path, data: str) ->
 
 def _run_child(spec: dict, log_path: Path, timeout_s: float) -> dict:
     spec_path = log_path.with_suffix(".spec.json")
-    io.write_json(spec_path, spec)
+    fileio.write_json(spec_path, spec)
     Path(spec["result_path"]).unlink(missing_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t = time.perf_counter()
@@ -119,8 +119,8 @@ def run_bench(s: BenchSettings, out: str | Path, on_result=None) -> dict:
     report = {"settings": asdict(s) | {"data": data}, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
               "host": {"cpus": os.cpu_count(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
               "methods": rows}
-    io.write_json(out / "bench.json", report)
-    io.write_text(out / "bench.md", markdown_table(report))
+    fileio.write_json(out / "bench.json", report)
+    fileio.write_text(out / "bench.md", markdown_table(report))
     return report
 
 

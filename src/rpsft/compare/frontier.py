@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import io
+from .. import fileio
 from .report import pyplot, save_png
 from .stats import mean_interval, paired_delta, pareto_front
 
@@ -35,7 +35,7 @@ def _sample_scores(stage: dict | None):
     if not stage or not stage.get("samples") or not Path(stage["samples"]).is_file():
         return
     acc: dict[tuple, list[float]] = {}
-    for row in io.read_jsonl(stage["samples"]):
+    for row in fileio.read_jsonl(stage["samples"]):
         if row["benchmark"] in stage.get("benchmarks", {}):
             acc.setdefault((row["benchmark"], row["index"]), []).append(float(bool(row["correct"])))
     for k, v in acc.items():
@@ -222,6 +222,6 @@ def _short(name: str) -> str:
 
 def write_frontier(root: Path, results: dict, forgetting: str, n_resamples: int) -> list[dict]:
     rows = frontier_points(results, forgetting, n_resamples)
-    io.write_json(root / "frontier.json", {"forgetting": forgetting, "points": rows})
+    fileio.write_json(root / "frontier.json", {"forgetting": forgetting, "points": rows})
     plot_frontier(rows, forgetting, root / "frontier.png")
     return rows

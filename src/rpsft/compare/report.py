@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .. import io
+from .. import fileio
 from ..analysis.plots import pyplot
 from ..terminal import fmt
 from .config import CompareConfig
@@ -113,7 +113,7 @@ def render_table(summary: dict) -> str:
 
 def save_png(fig, path: str | Path) -> None:
     """Write ``fig`` atomically as a PNG (120 dpi) and release it."""
-    with io.atomic_path(Path(path)) as tmp:
+    with fileio.atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     pyplot().close(fig)
 

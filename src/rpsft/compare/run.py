@@ -16,7 +16,7 @@ from typing import Callable
 
 import yaml
 
-from .. import io
+from .. import fileio
 from ..config import ConfigError, load_config, to_dict
 from .config import CompareConfig, sweep_axes
 from .frontier import render_frontier, write_frontier
@@ -31,7 +31,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
 
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    io.write_text(root / "compare.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    fileio.write_text(root / "compare.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
     runs = plan_runs(cfg)
     base_cfg = load_config(cfg.train_config, cfg.train_set)
     base_model = base_cfg.model.name
@@ -139,8 +139,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
 
     summary = build_summary(cfg, results, analysis, points)
     summary["frontier"] = write_frontier(root, results, cfg.forgetting, cfg.bootstrap)
-    io.write_json(root / "summary.json", summary)
-    io.write_text(root / "table.md", render_table(summary) + "\n" + render_frontier(summary["frontier"], cfg.forgetting))
+    fileio.write_json(root / "summary.json", summary)
+    fileio.write_text(root / "table.md", render_table(summary) + "\n" + render_frontier(summary["frontier"], cfg.forgetting))
     finals = {**summary, "rows": [r for r in summary["rows"] if r.get("final", True)]}
     plot_tradeoff(finals, root / "tradeoff.png")
     for sw in cfg.sweep:

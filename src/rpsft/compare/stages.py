@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from .. import io
+from .. import fileio
 from .config import CompareConfig, EvalSpec
 
 
@@ -40,7 +40,7 @@ def run_stage(path: Path, fn: Callable[[], dict], log: Callable[[str], None], wh
     log(f"[bold]{what}[/bold] ...")
     result = fn()
     result = {**result, "stage_seconds": round(time.perf_counter() - t, 1), "stage_key": key}
-    io.write_json(path, result)
+    fileio.write_json(path, result)
     log(f"  {what} done in {result['stage_seconds']:.0f}s")
     return result
 
@@ -171,7 +171,7 @@ def base_logprobs(base: str, cache_dir: Path, max_new_tokens: int = 64, prompts_
     arr.flush()
     del arr
     tmp.rename(path)
-    io.write_json(meta, rows)
+    fileio.write_json(meta, rows)
     return rows, np.load(path, mmap_mode="r")
 
 
