@@ -125,7 +125,7 @@ def main() -> None:
     print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where a square matrix is at full rank")
     print("under r-way sharding (FSDP2, row-sharded anchor) anchor FLOP and memory per GPU divide by r, like the step")
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, {"settings": vars(args), "models": rows})
 

@@ -163,7 +163,7 @@ def check_vllm(n_prompts: int = 32, max_new_tokens: int = 32) -> dict:
 
     from rpsft.data.synthetic_math import generate
     from rpsft.eval import run_eval
-    from rpsft.io import read_jsonl, write_jsonl
+    from rpsft.fileio import read_jsonl, write_jsonl
 
     tok = make_tokenizer(vocab_size=400)
     with tempfile.TemporaryDirectory() as tmp:

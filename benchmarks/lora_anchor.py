@@ -133,7 +133,7 @@ def main() -> None:
               f"{med['autograd'] * 1e3:8.1f} ms ({row['ratio_autograd_over_factored']:.1f}x) | R agree to {rel:.1e}"
               f" | anchor memory {fact.nbytes / 2**20:.1f} MiB factored vs {dense.nbytes / 2**20:.1f} MiB dense")
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, {"layers": args.layers, "r": args.r, "alpha": args.alpha,
                               "threads": torch.get_num_threads(), "bases_seconds": round(bases_s, 2),

@@ -52,7 +52,7 @@ def main() -> None:
               f"{w0_in_low} -> {'OK' if row['ok'] else 'MISMATCH'}; frames {args.frame_dtype}: "
               f"{row['ratio_to_fp32_frames']:.3f} × fp32 frames ({fp32_bytes / 2**20:.2f} MiB)")
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, {"model": args.model, "rows": rows})
     if not all(r["ok"] for r in rows):

@@ -126,7 +126,7 @@ def main() -> None:
     print(f"anchor bytes {anchor.nbytes / 2**20:.1f} MiB vs parameters {param_bytes / 2**20:.1f} MiB "
           f"= {result['anchor_over_param_bytes']:.3f}")
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, result)
 

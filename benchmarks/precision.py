@@ -6,7 +6,7 @@ de-quantised from the Q4_1 GGUF, not the original bf16 weights: docs/eval.md), b
 is moved as a few AdamW steps at lr 1e-6 would move it: each step changes every entry by lr·(0.5·g + 0.5·ξ_t) with a
 fixed sign pattern g = ±1 (Adam's m/√v is ≈ ±1 on a persistent gradient) and fresh noise ξ_t ∈ [−1, 1], so after s
 steps |ΔW| ≈ 1e-6·(0.5·s + 0.5·√s) — 1e-6 … 5e-5 for s = 1 … 100 — and W = W0 + ΔW is rounded to fp32 as a
-master weight would be. For every strategy of ``rpsft.precision`` it reports, against the fp64 computation on the
+master weight would be. For every strategy of ``precision_strategies.py`` it reports, against the fp64 computation on the
 same fp32 U, σ, V, W: the relative error of R = ‖A‖² and of ∇R (Frobenius), median and worst over matrices, and the
 CPU time of one (R, ∇R) pass over all the matrices (median of interleaved repetitions; tf32 rows are emulated for
 accuracy only — their speed needs a CUDA tensor core).
@@ -64,7 +64,7 @@ def main() -> None:
 
     from rpsft.bases import compute_bases
     from rpsft.models import load_model
-    from rpsft.precision import EMULATED_ON_CPU, penalty_and_grad, strategy_fn
+    from precision_strategies import EMULATED_ON_CPU, penalty_and_grad, strategy_fn  # beside this script
     from rpsft.selection import select_matrices
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -144,7 +144,7 @@ def main() -> None:
         results["by_rank"][str(k_req)] = block
 
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, results)
         print(f"\nwrote {args.out}")
@@ -270,7 +270,7 @@ def frames_study(args) -> None:
         print(f"   totals: R(W0) {summary[fd]['R0_total']:.2e} vs Σσ² {tot:.3e} -> "
               f"{summary[fd]['R0_total'] / tot:.1e} (goal <= 1e-6); naive {summary[fd]['R0_naive_total']:.2e}")
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, {"model": args.model, "layers": layers, "k": k_req, "lr": args.lr,
                               "summary": summary, "matrices": rows})

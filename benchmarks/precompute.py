@@ -44,7 +44,7 @@ def gaps_only(mats, ranks: list[int], out: str | None) -> None:
         print(f"k={k}: {len(v)} matrices with k < min(m, n); σ_k/σ_(k+1) min {v[0]:.4f}, median "
               f"{statistics.median(v):.4f}, max {v[-1]:.4f}; {res[str(k)]['below_1.01']} below 1.01")
     if out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(out, {"gaps": res})
 
@@ -147,7 +147,7 @@ def main() -> None:
                   f"{sum(o < 0.99 for o in ov):7d} {max(se):13.2e}")
         summary["by_k"][kk] = blk
     if args.out:
-        from rpsft.io import write_json
+        from rpsft.fileio import write_json
 
         write_json(args.out, {"summary": summary, "rows": rows})
         print(f"\nwrote {args.out}")

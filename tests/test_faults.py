@@ -116,9 +116,9 @@ def test_guard_message_names_the_likely_cause():
 
 
 def test_non_finite_values_are_written_as_null(tmp_path):
-    from rpsft import io
+    from rpsft import fileio
 
-    io.append_jsonl(tmp_path / "m.jsonl", {"loss": float("nan"), "grad_norm": float("inf"), "x": [1.0, -float("inf")]})
+    fileio.append_jsonl(tmp_path / "m.jsonl", {"loss": float("nan"), "grad_norm": float("inf"), "x": [1.0, -float("inf")]})
     assert strict_rows(tmp_path / "m.jsonl") == [{"loss": None, "grad_norm": None, "x": [1.0, None]}]
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rpsft.compare import load_compare_config, plan_runs
+from rpsft.compare.config import load_compare_config
+from rpsft.compare.grid import plan_runs
 from rpsft.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -189,7 +189,7 @@ class BasesCache:
             return
         from safetensors.torch import save_file
 
-        from .io import atomic_path
+        from .fileio import atomic_path
 
         meta = {"fingerprint": fp, "shape": f"{shape[0]}x{shape[1]}", "k": str(b.k), "solver": solver,
                 "format": FORMAT_VERSION, "checksum": checksum(b)}

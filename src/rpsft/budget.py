@@ -35,6 +35,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 from .selection import matrix_type
 
 STATE_FILE = "rpsft_budget.json"
@@ -157,7 +160,7 @@ class BudgetController:
         self.updates = int(state.get("updates", 0))
 
     def save(self, directory: str | Path) -> None:
-        from .io import write_json
+        from .fileio import write_json
 
         write_json(Path(directory) / STATE_FILE, self.state_dict())
 
@@ -177,15 +180,18 @@ def weighted_sum(weight: float | Mapping[str, float], sq: Mapping[str, float]) -
     return float(weight) * sum(sq.values())
 
 
-def budget_callback(controller: BudgetController):
+class BudgetStateCallback(TrainerCallback):
+    """Writes the controller's state into every checkpoint the Trainer saves."""
+
+    def __init__(self, controller: BudgetController):
+        self.controller = controller
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and ckpt.is_dir():
+            self.controller.save(ckpt)
+
+
+def budget_callback(controller: BudgetController) -> BudgetStateCallback:
     """A ``TrainerCallback`` that writes the controller's state into every checkpoint the Trainer saves."""
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    class BudgetStateCallback(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                controller.save(ckpt)
-
-    return BudgetStateCallback()
+    return BudgetStateCallback(controller)

@@ -7,8 +7,6 @@ failures (bad config, bad data, missing files) print one clear message and exit 
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -16,30 +14,16 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from .analysis.cli import app as analyze_app
+from .bench.cli import bench_command
+from .compare.cli import compare_command
+from .eval.cli import eval_command
+from .rl.cli import app as rl_app
+from .terminal import console, friendly_errors
+
 app = typer.Typer(help="Rotation-Preserving Supervised Fine-Tuning (RPSFT) on the Hugging Face stack.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Built-in data.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotImplementedError, PermissionError)
-
-
-def friendly_errors(fn):
-    """Turn expected user errors into one red line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            if os.environ.get("RPSFT_DEBUG"):
-                raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            console.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-
-    return wrapper
 
 
 def _version(value: bool) -> None:
@@ -50,13 +34,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")):
     """Rotation-Preserving Supervised Fine-Tuning (RPSFT) on the Hugging Face stack."""
 
 
-@app.command()
 @friendly_errors
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/demo.yaml)."),
@@ -95,7 +77,6 @@ def train(
         console.print(f"log:        {out / 'train.log'}  (library messages and warnings)", highlight=False)
 
 
-@data_app.command("synth-math")
 @friendly_errors
 def synth_math(
     out: Path = typer.Option(Path("data/synth-math"), "--out", help="Directory for train.jsonl and test.jsonl."),
@@ -110,7 +91,6 @@ def synth_math(
     print(f"wrote {n_train} train -> {paths['train']}\nwrote {n_test} test  -> {paths['test']}")
 
 
-@data_app.command("eval-files")
 @friendly_errors
 def eval_files(
     src: Path = typer.Option(..., "--from", help="A copy of the official evaluation data: a folder with id/ and "
@@ -135,7 +115,6 @@ def eval_files(
                          f"{', '.join(rep['invalid'])}")
 
 
-@app.command("accelerate-config")
 @friendly_errors
 def accelerate_config_cmd(name: Optional[str] = typer.Argument(None, help="fsdp2, zero2, ddp-cpu2 (none: list)")):
     """Print the path of a shipped accelerate config, for `accelerate launch --config_file`."""
@@ -148,7 +127,6 @@ def accelerate_config_cmd(name: Optional[str] = typer.Argument(None, help="fsdp2
     print(accelerate_config(name))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @friendly_errors
 def launch(ctx: typer.Context, name: str = typer.Argument(..., help="accelerate config: fsdp2, zero2, ddp-cpu2 "
                                                                      "or a YAML path")):
@@ -158,7 +136,7 @@ def launch(ctx: typer.Context, name: str = typer.Argument(..., help="accelerate 
     exec_launch(name, list(ctx.args))
 
 
-@app.command()
+@friendly_errors
 def methods():
     """List the training methods."""
     from rich.table import Table
@@ -172,30 +150,21 @@ def methods():
     Console().print(table)
 
 
-def _register_optional() -> None:
-    """Commands whose modules live in their own packages (each imports cheaply)."""
-    try:
-        from .eval.cli import eval_command
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("rpsft"):
-            raise
-    else:
-        app.command("eval", help=eval_command.__doc__)(friendly_errors(eval_command))
-    for module, name in (("analysis", "analyze"), ("rl.cli", "rl"), ("bench_cli", "bench"),
-                         ("compare_cli", "compare")):
-        try:
-            mod = __import__(f"rpsft.{module}", fromlist=["app"]) if module != "analysis" else \
-                __import__("rpsft.analysis.cli", fromlist=["app"])
-        except ModuleNotFoundError as e:
-            if not (e.name or "").startswith("rpsft"):
-                raise
-            continue
-        sub = getattr(mod, "app", None)
-        if sub is not None:
-            app.add_typer(sub, name=name)
-
-
-_register_optional()
+# ------------------------------------------------------------------------------------ every command, in one place
+# Commands are plain functions (each wrapped in ``friendly_errors`` where it is defined); groups are typer apps.
+app.callback()(_root)
+app.command("train")(train)
+app.add_typer(data_app, name="data")
+data_app.command("synth-math")(synth_math)
+data_app.command("eval-files")(eval_files)
+app.command("methods")(methods)
+app.command("eval")(eval_command)
+app.add_typer(analyze_app, name="analyze")
+app.add_typer(rl_app, name="rl")
+app.command("bench")(bench_command)
+app.command("compare")(compare_command)
+app.command("accelerate-config")(accelerate_config_cmd)
+app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(launch)
 
 
 def main() -> None:

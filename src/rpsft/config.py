@@ -290,14 +290,6 @@ def set_dotted(data: dict, key: str, text: str, item: str) -> None:
     node[parts[-1]] = parse_value(text)
 
 
-# the names compare.py imports until it loads its config through load_section (then these two go)
-_parse_scalar = parse_value
-
-
-def _unknown(key: str) -> ConfigError:
-    return unknown_key(key)
-
-
 def read_config_file(path: str | Path | None, examples: str = "configs/") -> dict:
     """The top-level mapping of a YAML config file ({} for no file), with a clear error for each way it can fail."""
     if path is None:

@@ -186,7 +186,7 @@ def _save(cache: BasesCache, fp: str, shape: tuple[int, int], tag: str, frame_dt
           b: LeanBases) -> None:
     from safetensors.torch import save_file
 
-    from .io import atomic_path
+    from .fileio import atomic_path
 
     frame = FRAME_NAMES[frame_dtype]
     meta = {"fingerprint": fp, "shape": f"{shape[0]}x{shape[1]}", "k": str(b.k), "solver": tag, "frame": frame,

@@ -177,7 +177,7 @@ class CheckpointSealer(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
             fix_modes(ckpt)
-            from .io import write_text
+            from .fileio import write_text
 
             write_text(ckpt / COMPLETE, json.dumps({"global_step": state.global_step}) + "\n")
             fix_modes(ckpt / COMPLETE)
@@ -271,7 +271,7 @@ def clear_run_dir(out: Path, mode: bool | str) -> None:
 def whole_run_loss(metrics_path: str | Path) -> float | None:
     """Mean task loss over every step of the run, across resumes, from metrics.jsonl: each logged ``loss`` is the
     mean over the steps since the previous log line, so it is weighted by that window's length."""
-    from .io import read_jsonl
+    from .fileio import read_jsonl
 
     rows = [r for r in read_jsonl(metrics_path) if isinstance(r.get("loss"), (int, float))]
     total, steps, prev = 0.0, 0, 0

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTConfig
 
-from . import guards, io, preflight
+from . import fileio, guards, preflight
 from .anchor import RotationAnchor
 from .budget import BudgetController, check_budget_method
 from .config import Config, dump_yaml, to_dict
@@ -36,7 +36,7 @@ class MetricsJsonlCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            io.append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
+            fileio.append_jsonl(self.path, {"step": state.global_step, "epoch": state.epoch, **logs})
 
 
 class RichProgressCallback(TrainerCallback):
@@ -50,12 +50,9 @@ class RichProgressCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from .terminal import progress_bar
 
-        self.progress = Progress(TextColumn("[bold]train[/bold] {task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-                                 TimeRemainingColumn(), console=self.console, transient=False)
+        self.progress = progress_bar("[bold]train[/bold] {task.description}", console=self.console)
         self.progress.start()
         self.task = self.progress.add_task("", total=state.max_steps or None, completed=state.global_step)
 
@@ -188,8 +185,8 @@ def prepare_run_dir(out: Path, resume: bool | str | None, overwrite: bool | str,
                                     + (f"; incomplete, skipped: {', '.join(p.name for p in skipped)}" if skipped
                                        else ""))
         step = guards.checkpoint_state(ckpt)["global_step"]  # a torn trainer_state.json is named with its path
-        rows = [r for r in io.read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= step]
-        io.write_jsonl(out / "metrics.jsonl", rows)
+        rows = [r for r in fileio.read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= step]
+        fileio.write_jsonl(out / "metrics.jsonl", rows)
     elif out.exists() and (latest_checkpoint(out) or (out / "metrics.jsonl").exists()):
         if not overwrite:
             raise FileExistsError(f"{out} already holds a run; pass --resume latest to continue it or --overwrite "
@@ -259,7 +256,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
         return finished
     ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
     out.mkdir(parents=True, exist_ok=True)
-    io.write_text(out / "config.yaml", dump_yaml(cfg))
+    fileio.write_text(out / "config.yaml", dump_yaml(cfg))
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -323,6 +320,6 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
     }
     write_model_card(trainer, cfg, summary["anchor"], out)
     if trainer.is_world_process_zero():
-        io.write_json(out / "run.json", summary)
+        fileio.write_json(out / "run.json", summary)
     return summary
 

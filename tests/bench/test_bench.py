@@ -6,7 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from rpsft.bench import _aggregate, markdown_table
+from rpsft.bench.report import markdown_table
+from rpsft.bench.run import _aggregate
 from rpsft.cli import app
 
 runner = CliRunner()

@@ -1,12 +1,24 @@
-"""Precision strategies of the anchor residual (rpsft.precision) on small matrices with a realistic drift."""
+"""Precision strategies of the anchor residual (benchmarks/precision_strategies.py) on small matrices with a
+realistic drift."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from rpsft.bases import compute_bases
-from rpsft.precision import STRATEGIES, gradient, ieee_fp32, matmul, relative_errors, residual, round_tf32
+from rpsft.precision import ieee_fp32
+
+_spec = importlib.util.spec_from_file_location(
+    "precision_strategies", Path(__file__).resolve().parents[2] / "benchmarks" / "precision_strategies.py")
+_strategies = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_strategies)
+STRATEGIES, gradient, matmul, relative_errors, residual, round_tf32 = (
+    _strategies.STRATEGIES, _strategies.gradient, _strategies.matmul, _strategies.relative_errors,
+    _strategies.residual, _strategies.round_tf32)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from rpsft.compare import (load_compare_config, plan_runs, plot_rank_sweep, plot_tradeoff, render_table,
-                           run_compare)
+from rpsft.compare.config import load_compare_config
+from rpsft.compare.grid import plan_runs
+from rpsft.compare.report import plot_rank_sweep, plot_tradeoff, render_table
+from rpsft.compare.run import run_compare
 from rpsft.config import ConfigError
 
 
@@ -131,7 +133,7 @@ def test_sweep_grid_names_keys_and_refuses_unknown_keys(tmp_path, tiny_model_dir
     assert runs[3].overrides[-2:] == ["anchor.lam=10", "anchor.rank=2"] and runs[5].seed == 7
     assert all(r.eval_steps == [1] for r in runs)
     # any config key: aliases, dotted keys, or a bare anchor./train. field (as `budget` will be once it exists)
-    from rpsft.compare import sweep_key
+    from rpsft.compare.config import sweep_key
 
     assert [sweep_key(k) for k in ("lam", "ranks", "niter", "warmup_ratio", "data.max_length")] == [
         "anchor.lam", "anchor.rank", "anchor.niter", "train.warmup_ratio", "data.max_length"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rpsft.stats import mean_interval, normal_interval, paired_delta, pareto_front
+from rpsft.compare.stats import mean_interval, normal_interval, paired_delta, pareto_front
 
 
 def test_identical_predictions_give_a_zero_width_interval():
@@ -73,7 +73,7 @@ def _row(point, family, run, step, gain, kl, final=True, seed=42, method=None):
 def test_frontier_plot_draws_one_curve_per_family_and_the_front(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from rpsft.frontier import plot_frontier
+    from rpsft.compare.frontier import plot_frontier
 
     rows = [_row("base", "base", "base", 0, 0.0, 0.0),
             *[_row(f"sft@{s}" if s < 16 else "sft", "sft", "sft", s, g, k, s == 16)

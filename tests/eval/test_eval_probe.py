@@ -48,7 +48,7 @@ def test_probe_detects_a_changed_model_and_decodes_base_once(tiny_dir, tiny_pert
 def test_cached_base_logprobs_give_the_probe_s_numbers(tmp_path, tiny_model_dir, few_prompts):
     import torch
 
-    from rpsft.frontier import cached_probe
+    from rpsft.compare.stages import cached_probe
     from rpsft.models import load_model
 
     model, tok = load_model(str(tiny_model_dir))

@@ -4,7 +4,7 @@ import pytest
 
 from rpsft.eval import run_eval
 from rpsft.eval.generate import HFGenerator
-from rpsft.io import read_jsonl
+from rpsft.fileio import read_jsonl
 
 
 def _gen(tiny_dir, eval_dir, out, **kw):

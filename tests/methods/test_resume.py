@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from rpsft_testing import StopAt
 
-from rpsft.io import read_jsonl
+from rpsft.fileio import read_jsonl
 from rpsft.train import train
 
 

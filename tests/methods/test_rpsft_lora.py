@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rpsft.anchor import RotationAnchor
-from rpsft.io import read_jsonl
+from rpsft.fileio import read_jsonl
 from rpsft.methods.lora import wrap_lora
 from rpsft.methods.rpsft_lora import LoraRotationAnchor
 from rpsft.train import train

@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from ..terminal import friendly_errors, progress_bar
+
 app = typer.Typer(
     help="Diagnostics from the paper: gradient energy & rank selection, subspace rotation, first-order loss "
          "change, representation drift, output entropy. Each writes JSON/CSV and a PNG.",
@@ -28,7 +30,7 @@ def _out(out: Optional[Path], command: str) -> Path:
 
 
 def _csv(path: Path, rows: list[dict]) -> None:
-    from ..io import write_text
+    from ..fileio import write_text
 
     buf = io.StringIO()
     if rows:
@@ -38,25 +40,13 @@ def _csv(path: Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def _fail(e: Exception) -> None:
-    from rich.console import Console
-
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    Console(stderr=True).print(f"[bold red]error:[/] {msg}", highlight=False)
-    raise typer.Exit(2)
-
-
 def _run(fn, progress: Optional[str] = None):
-    """``fn(cb)`` — under a progress bar named ``progress`` whose callback is ``cb`` (None without one); a user
-    error (bad file, unknown matrix, …) becomes a red one-line message and exit code 2 instead of a traceback."""
-    try:
-        if progress is None:
-            return fn(None)
-        prog, cb = _progress(progress)
-        with prog:
-            return fn(cb)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        _fail(e)
+    """``fn(cb)`` — under a progress bar named ``progress`` whose callback is ``cb`` (None without one)."""
+    if progress is None:
+        return fn(None)
+    prog, cb = _progress(progress)
+    with prog:
+        return fn(cb)
 
 
 def _short(name: str) -> str:
@@ -73,9 +63,7 @@ def _console():
 
 def _progress(description: str):
     """A rich progress bar and a callback(done, total) that advances it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    prog = progress_bar(description, eta=False, transient=True)
     task = prog.add_task(description, total=None)
 
     def cb(done: int, total: int) -> None:
@@ -105,7 +93,7 @@ def _ckpts(value: str, what: str) -> list[str]:
     return items
 
 
-@app.command()
+@friendly_errors
 def energy(
     data: Path = typer.Option(..., "--data", help="prompt/completion data (JSONL: messages, prompt+completion, "
                                                   "ShareGPT or GSM8K question+answer)"),
@@ -121,7 +109,7 @@ def energy(
     """Gradient energy in the pretrained top-r frame (App. F.1, Fig. 2) and a per-matrix rank map."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from .energy import run_energy
     from .plots import plot_energy
 
@@ -157,7 +145,7 @@ def energy(
               f" energy.png  [{rep['seconds']['gradients']:.1f}s gradients]")
 
 
-@app.command()
+@friendly_errors
 def rotation(
     tuned: str = typer.Option(..., "--tuned", help="tuned checkpoint dir(s), comma-separated"),
     base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model (embedded name or checkpoint dir)"),
@@ -173,7 +161,7 @@ def rotation(
     """Principal angles between base and tuned top-K singular subspaces (App. F.3, Figs 6-7)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .plots import plot_rotation
     from .rotation import run_rotation
@@ -206,7 +194,7 @@ def rotation(
     con.print(f"wrote {out}/rotation.json, rotation.csv, rotation.png  [{rep['seconds']:.1f}s]")
 
 
-@app.command("first-order")
+@friendly_errors
 def first_order(
     tuned: str = typer.Option(..., "--tuned", help="tuned checkpoint dir(s), comma-separated"),
     data: Path = typer.Option(..., "--data", help="prompt/completion data for the base-model gradient"),
@@ -222,7 +210,7 @@ def first_order(
     """Per-layer mean of <g_W, W_tuned - W_base>, g_W the base mean gradient (App. F.2, Fig. 5)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .first_order import run_first_order
     from .plots import plot_first_order
@@ -249,7 +237,7 @@ def first_order(
     con.print(f"wrote {out}/first_order.json, first_order.csv, first_order.png  [{rep['seconds']:.1f}s]")
 
 
-@app.command()
+@friendly_errors
 def drift(
     tuned: str = typer.Option(..., "--tuned", help="tuned checkpoint dir(s), comma-separated"),
     data: Path = typer.Option(..., "--data", help="prompts (any accepted data format; completions unused)"),
@@ -262,7 +250,7 @@ def drift(
     """Pooled hidden-state drift: centroid distance to the base and a 2-D PCA with arrows (App. F.6, Fig. 8)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .drift import run_drift
     from .plots import plot_drift
@@ -284,7 +272,7 @@ def drift(
     con.print(f"wrote {out}/drift.json, drift.csv, drift.png  [{rep['seconds']:.1f}s]")
 
 
-@app.command()
+@friendly_errors
 def entropy(
     data: Path = typer.Option(..., "--data", help="prompts (any accepted data format; completions unused)"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="model(s) to decode with, comma-separated"),
@@ -297,7 +285,7 @@ def entropy(
     """Mean token entropy of greedy continuations per sample, with a Gaussian KDE (App. F.4)."""
     from rich.table import Table
 
-    from ..io import write_json
+    from ..fileio import write_json
     from ._common import parse_csv
     from .entropy import run_entropy
     from .plots import plot_entropy
@@ -320,3 +308,10 @@ def entropy(
     con = _console()
     con.print(t)
     con.print(f"wrote {out}/entropy.json, entropy.csv, entropy.png")
+
+
+app.command("energy")(energy)
+app.command("rotation")(rotation)
+app.command("first-order")(first_order)
+app.command("drift")(drift)
+app.command("entropy")(entropy)

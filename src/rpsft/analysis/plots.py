@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_path
+from ..fileio import atomic_path
 
 TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,7 +24,7 @@ def _plt():
 def _save(fig, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def _short_path(p: str) -> str:
@@ -33,7 +33,7 @@ def _short_path(p: str) -> str:
 
 
 def _type_colors(types):
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     order = [t for t in TYPE_ORDER if t in types] + sorted(t for t in types if t not in TYPE_ORDER)
     return {t: cmap(i % 10) for i, t in enumerate(order)}
@@ -44,7 +44,7 @@ def plot_energy(report: dict, path: str | Path) -> None:
     ratio (Fig. 2; y = x for square W). Right: y against r with the target share."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     mats = report["matrices"]
     colors = _type_colors({m["type"] for m in mats})
     few = len(mats) <= 8
@@ -85,7 +85,7 @@ def plot_energy(report: dict, path: str | Path) -> None:
 
 def plot_rotation(report: dict, path: str | Path) -> None:
     """Layerwise mean angle (U and V space) per checkpoint, and the rankwise prefix curve of one matrix."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     cmap = plt.get_cmap("tab10")
     for c, ck in enumerate(report["checkpoints"]):
@@ -117,7 +117,7 @@ def plot_rotation(report: dict, path: str | Path) -> None:
 
 
 def plot_first_order(report: dict, path: str | Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for ck in report["checkpoints"]:
         ax.plot([r["layer"] for r in ck["layers"]], [r["mean_inner"] for r in ck["layers"]], "o-", ms=3,
@@ -139,7 +139,7 @@ def plot_drift(report: dict, path: str | Path) -> None:
     prompt-to-prompt spread dwarfs the drift."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.5, 5.4))
     cmap = plt.get_cmap("tab10")
     pts = report["pca"]["points"]
@@ -178,7 +178,7 @@ def plot_drift(report: dict, path: str | Path) -> None:
 def plot_entropy(report: dict, path: str | Path) -> None:
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     cmap = plt.get_cmap("tab10")
     top = max((max(m["kde"]["density"]) for m in report["models"] if m["kde"]), default=1.0)

@@ -7,9 +7,11 @@ from typing import Optional
 
 import typer
 
+from ..terminal import fmt, friendly_errors, progress_bar
+
 
 def _fmt(v) -> str:
-    return "-" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) else str(v))
+    return fmt(v, pct=True, missing="-")
 
 
 def print_summary(summary: dict, console=None) -> None:
@@ -50,6 +52,7 @@ def print_summary(summary: dict, console=None) -> None:
     console.print(f"wall {summary['wall_s']:.1f}s; samples: {summary['samples']}")
 
 
+@friendly_errors(also=(RuntimeError,))  # the run's own consistency checks (resume, empty answers) are user errors too
 def eval_command(
     model: str = typer.Option("smollm2-135m-instruct", "--model", "-m",
                               help="embedded model name (smollm2-135m-instruct: de-quantised from a Q4_1 GGUF, not "
@@ -94,33 +97,24 @@ def eval_command(
     """Evaluate a model: Avg@k / Pass@k on math and OOD benchmarks, log-likelihood multiple choice, or the
     forgetting probe. Interrupted runs resume from OUT/samples.jsonl."""
     from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
 
     from rpsft.eval.runner import run_eval
 
     console = Console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as bar:
+    with progress_bar(console=console) as bar:
         task = bar.add_task("loading", total=None)
 
         def progress(desc: str, done: int, total: int) -> None:
             bar.update(task, description=desc, completed=done, total=total)
 
-        try:
-            summary = run_eval(model, suite, k=k, limit=limit, backend=backend, out_dir=out,
-                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-                               batch_size=batch_size, seed=seed, eval_dir=eval_dir, n=n, loglik=loglik,
-                               system_prompt=system_prompt, probe_base=probe_base, progress=progress,
-                               vllm_options=dict(tensor_parallel_size=tensor_parallel_size,
-                                                 max_model_len=max_model_len, dtype=dtype,
-                                                 gpu_memory_utilization=gpu_memory_utilization),
-                               mc_protocol=mc_protocol)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            bar.stop()
-            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-            raise typer.Exit(code=2) from None
+        summary = run_eval(model, suite, k=k, limit=limit, backend=backend, out_dir=out,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                           batch_size=batch_size, seed=seed, eval_dir=eval_dir, n=n, loglik=loglik,
+                           system_prompt=system_prompt, probe_base=probe_base, progress=progress,
+                           vllm_options=dict(tensor_parallel_size=tensor_parallel_size,
+                                             max_model_len=max_model_len, dtype=dtype,
+                                             gpu_memory_utilization=gpu_memory_utilization),
+                           mc_protocol=mc_protocol)
     print_summary(summary, console)
 
 

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rpsft.io import read_jsonl, write_jsonl
+from rpsft.fileio import read_jsonl, write_jsonl
 
 
 def probe_prompts(path: str | Path | None = None) -> list[dict]:

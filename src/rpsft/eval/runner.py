@@ -16,7 +16,7 @@ from rpsft.eval import judges
 from rpsft.eval.loaders import load_items
 from rpsft.eval.metrics import stderr, summarize
 from rpsft.eval.suites import Benchmark, expand_suites
-from rpsft.io import append_jsonl, read_jsonl, write_json, write_jsonl
+from rpsft.fileio import append_jsonl, read_jsonl, write_json, write_jsonl
 
 Progress = Callable[[str, int, int], None]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .. import io
+from .. import fileio
 from .config import RLConfig, rl_to_dict, validate_rl
 from .data import load_prompts
 
@@ -105,7 +105,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
                          f"{cfg.dapo.prompts_per_step}; lower prompts_per_step or raise data.limit")
     ckpt = _prepare_output(out, cfg, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    io.write_text(out / "config.yaml", yaml.safe_dump(rl_to_dict(cfg), sort_keys=False))
+    fileio.write_text(out / "config.yaml", yaml.safe_dump(rl_to_dict(cfg), sort_keys=False))
     use_vllm = use_vllm_default(cfg.dapo.use_vllm)
 
     summary: dict[str, Any] = {"init": cfg.init, "output_dir": str(out)}
@@ -143,7 +143,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         "anchor": None if anchor is None else {"matrices": len(anchor), "ranks": sorted(set(anchor.ranks.values())),
                                                "lam": cfg.anchor.lam,
                                                "final_penalty": final_penalty},
-        "train": _train_stats(io.read_jsonl(out / "metrics.jsonl")),
+        "train": _train_stats(fileio.read_jsonl(out / "metrics.jsonl")),
         "resumed_from": str(ckpt) if ckpt else None,
         "metrics": str(out / "metrics.jsonl"),
         "config": rl_to_dict(cfg),
@@ -153,5 +153,5 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         return summary
     if cfg.eval.enabled:
         summary["eval_after"] = _evaluate(cfg, str(out), out / "eval", use_vllm)
-    io.write_json(out / "run.json", summary)
+    fileio.write_json(out / "run.json", summary)
     return summary

@@ -1,7 +1,7 @@
 """``rpsft bench --methods sft,rpsft,...``: the cost table (samples/s, steps/s, peak memory, anchor cost) per method.
 
-Imports only typer/rich at module level; torch and the trainer load inside the command (and inside the per-method
-subprocesses that :mod:`rpsft.bench` starts).
+Imports only typer/rich at module level; torch and the trainer load inside the per-method subprocesses that
+:mod:`rpsft.bench.run` starts.
 """
 
 from __future__ import annotations
@@ -10,16 +10,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
-app = typer.Typer(help="Cost table per training method (the paper's Table 1 for our runs).", add_completion=False,
-                  pretty_exceptions_enable=False)
-console = Console(stderr=True)
+from ..terminal import console, friendly_errors
 
 
-@app.callback(invoke_without_command=True)
-def bench(
-    ctx: typer.Context,
+@friendly_errors
+def bench_command(
     methods: str = typer.Option("sft,rpsft,l2init,dft,iw,lora", "--methods", "-m",
                                 help="Comma-separated methods; each trains in its own process."),
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="Embedded name or checkpoint directory."),
@@ -37,9 +33,8 @@ def bench(
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Directory for bench.json, bench.md, logs."),
 ):
     """Train each method for a few steps in its own process; write bench.json + bench.md and print the table."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from .bench import BenchSettings, markdown_table, run_bench
+    from .report import markdown_table
+    from .run import BenchSettings, run_bench
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     problems = []
@@ -52,10 +47,8 @@ def bench(
             problems.append(f"{flag} must be >= 1, got {v}")
     if data is not None and not data.is_file():
         problems.append(f"--data {data} does not exist (omit it to use the built-in synthetic-math data)")
-    if problems:
-        for p in problems:
-            console.print(f"[bold red]error:[/bold red] {p}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+    if problems:  # every bad option at once, before anything trains
+        raise ValueError("; ".join(problems))
 
     rank_value: object = rank
     try:

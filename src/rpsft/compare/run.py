@@ -1,0 +1,152 @@
+"""``rpsft compare``: train several methods (and a k sweep), evaluate ID and OOD, analyse, tabulate, plot.
+
+The shape of the paper's study (Table 2, Fig. 3-4, Fig. 6-8) on the user's model and data. Each stage of each run
+writes its result atomically under ``output_dir``; a re-run skips every finished stage and resumes an interrupted
+training from its last checkpoint, so a run stopped at hour 3 resumes at hour 3.
+
+Stages per run: train -> eval-id -> eval-ood (log-likelihood multiple choice) -> probe (KL / NLL vs base);
+then, over all runs: rotation (principal angles vs base), drift (hidden-state centroids), and the summary
+(summary.json, table.md, tradeoff.png, rank_sweep.png, cost table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from .. import fileio
+from ..config import ConfigError, load_config, to_dict
+from .config import CompareConfig, sweep_axes
+from .frontier import render_frontier, write_frontier
+from .grid import plan_runs, train_config_of
+from .report import build_summary, config_dict, plot_rank_sweep, plot_tradeoff, render_table
+from .stages import (SavePoints, eval_model_path, eval_stage, probe_stage, run_stage, stored, teacher_forced_data,
+                     teacher_forced_stage)
+
+
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
+    from ..train import latest_checkpoint, train
+
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    fileio.write_text(root / "compare.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    runs = plan_runs(cfg)
+    base_cfg = load_config(cfg.train_config, cfg.train_set)
+    base_model = base_cfg.model.name
+    for r in runs:  # a rank map that is not there fails now, not after the runs before it have trained
+        rank = train_config_of(cfg, r, root).anchor.rank
+        if isinstance(rank, str) and rank.startswith("@") and not Path(rank[1:]).expanduser().is_file():
+            raise ConfigError(f"run {r.name}: rank map {rank[1:]} does not exist; write it first with "
+                              f"`rpsft analyze energy ... --out {Path(rank[1:]).parent}`")
+    if cfg.id.teacher_forced:  # its data file too: a missing one fails now, not after hours of training
+        try:
+            teacher_forced_data(cfg.id.teacher_forced, cfg.eval_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"id.teacher_forced: {e}") from None
+    log(f"compare: {len(runs)} training runs ({', '.join(r.name for r in runs)}) on {base_model}")
+
+    results: dict[str, dict] = {}
+    models = {"base": base_model}  # final weights of every run (rotation and drift are measured on these)
+    points = {"base": base_model}  # everything evaluated: the runs' intermediate checkpoints too
+    run_keys = {"base": None}
+    for r in runs:
+        tcfg = train_config_of(cfg, r, root)
+        run_dir = Path(tcfg.output_dir)
+
+        key = {k: v for k, v in to_dict(tcfg).items() if k != "output_dir"}
+        stage_file = root / "stages" / r.name / "train.json"
+        # A finished run whose config has changed since is stale: start it over. An unfinished one resumes from
+        # its last checkpoint (train's resume guard refuses, with the diff, if its config was changed meanwhile).
+        steps = [s for s in r.eval_steps if tcfg.train.max_steps <= 0 or s < tcfg.train.max_steps]
+        key = {**key, "eval_steps": steps}
+        stale = stored(stage_file, key)[1]
+
+        def do_train(tcfg=tcfg, run_dir=run_dir, stale=stale, steps=steps):
+            resume = "latest" if not stale and latest_checkpoint(run_dir) is not None else None
+            out = train(tcfg, resume=resume, overwrite=resume is None, progress=True,
+                        extra_callbacks=[SavePoints(steps, run_dir / "points")] if steps else None)
+            if not cfg.keep_checkpoints:  # finished: the final weights are in run_dir; optimizer states only fill the disk
+                import shutil
+
+                for ck in run_dir.glob("checkpoint-*"):
+                    shutil.rmtree(ck)
+            return out
+
+        tr = run_stage(stage_file, do_train, log, f"train {r.name}", key=key)
+        common = {"k": r.k, "method": tcfg.method, "family": r.family, "seed": r.seed, "run": r.name,
+                  "aliases": r.aliases}
+        for s in steps:
+            point = run_dir / "points" / f"step-{s}"
+            if s < tr["global_step"] and point.is_dir():
+                name = f"{r.name}@{s}"
+                results[name] = {**common, "step": s, "final": False}
+                points[name] = str(point)
+                run_keys[name] = key
+        results[r.name] = {"train": tr, **common, "step": tr["global_step"], "final": True}
+        models[r.name] = points[r.name] = eval_model_path(run_dir)
+        run_keys[r.name] = key
+
+    for name, model in points.items():
+        res = results.setdefault(name, {"k": None, "method": "base", "family": "base", "step": 0, "final": True})
+        stage_dir = root / "stages" / name
+        # the run's training config is part of every evaluation's key: a retrained run (same path) is re-evaluated
+        tkey = run_keys.get(name)
+        if cfg.id.suites or cfg.id.optional:
+            res["id"] = run_stage(stage_dir / "eval-id.json",
+                                  lambda m=model, n=name: eval_stage(cfg, cfg.id, m, root, n, "id"), log,
+                                  f"eval-id {name}", key=[model, cfg.id, tkey])
+        if cfg.id.teacher_forced:
+            res["id_tf"] = run_stage(stage_dir / "eval-id-tf.json",
+                                     lambda m=model: teacher_forced_stage(cfg, m), log, f"eval-id-tf {name}",
+                                     key=[model, cfg.id.teacher_forced, cfg.id.limit, tkey])
+        # log-likelihood multiple choice on final points only: it moves little between checkpoints and costs most
+        if (cfg.ood.suites or cfg.ood.optional) and res.get("final"):
+            res["ood"] = run_stage(stage_dir / "eval-ood.json",
+                                   lambda m=model, n=name: eval_stage(cfg, cfg.ood, m, root, n, "ood"), log,
+                                   f"eval-ood {name}", key=[model, cfg.ood, tkey])
+        if cfg.probe and name != "base":
+            res["probe"] = run_stage(stage_dir / "probe.json", lambda m=model: probe_stage(
+                cfg, base_model, m, root / "stages" / "base" if cfg.probe_cache else None),
+                                     log, f"probe {name}", key=[base_model, model, cfg.probe_prompts,
+                                                                 cfg.probe_max_new_tokens, cfg.probe_cache, tkey])
+    tuned = [n for n in models if n != "base"]
+    analysis = {}
+    if cfg.rotation and tuned:
+        from ..analysis.plots import plot_rotation
+        from ..analysis.rotation import run_rotation
+
+        def do_rotation():
+            rep = run_rotation(base_model, [models[n] for n in tuned], labels=tuned)
+            plot_rotation(rep, root / "rotation.png")
+            return rep
+
+        analysis["rotation"] = run_stage(root / "stages" / "rotation.json", do_rotation, log, "rotation analysis",
+                                         key=[base_model, [models[n] for n in tuned]])
+    if cfg.drift_limit > 0 and tuned:
+        from ..analysis.drift import run_drift
+        from ..analysis.plots import plot_drift
+
+        def do_drift():
+            rep = run_drift(base_model, [models[n] for n in tuned], cfg.drift_data or base_cfg.data.train,
+                            limit=cfg.drift_limit, labels=tuned)
+            plot_drift(rep, root / "drift.png")
+            return rep
+
+        analysis["drift"] = run_stage(root / "stages" / "drift.json", do_drift, log, "drift analysis",
+                                      key=[base_model, [models[n] for n in tuned], cfg.drift_data, cfg.drift_limit])
+
+    summary = build_summary(cfg, results, analysis, points)
+    summary["frontier"] = write_frontier(root, results, cfg.forgetting, cfg.bootstrap)
+    fileio.write_json(root / "summary.json", summary)
+    fileio.write_text(root / "table.md", render_table(summary) + "\n" + render_frontier(summary["frontier"], cfg.forgetting))
+    finals = {**summary, "rows": [r for r in summary["rows"] if r.get("final", True)]}
+    plot_tradeoff(finals, root / "tradeoff.png")
+    for sw in cfg.sweep:
+        if [k for k, _ in sweep_axes(sw)] == ["anchor.rank"]:
+            plot_rank_sweep(finals, sw["method"], root / "rank_sweep.png")
+    log(f"wrote {root / 'summary.json'}, {root / 'table.md'}, {root / 'frontier.json'}, {root / 'frontier.png'}, "
+        f"{root / 'tradeoff.png'}")
+    return summary
+
