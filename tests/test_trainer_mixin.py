@@ -12,7 +12,7 @@ from transformers import Trainer
 from rpsft.models import load_model
 from rpsft.train import AnchoredSFTTrainer, build_anchor, build_sft_config
 from rpsft.trainer import AnchorMixin
-from test_train import cfg_for, max_rel_diff, run_trainer
+from .test_train import cfg_for, max_rel_diff, run_trainer
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainers.md"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from test_rl_trainer import Canned, make_trainer
+from .test_rl_trainer import Canned, make_trainer
 
 
 def _run(tiny_model_dir, synth_file, tmp_path, **extra):
