@@ -260,7 +260,7 @@ def frames_study(args) -> None:
               f"{sorted(collections.Counter(r[fd]['offdiag_dtype'] for r in R).items())}; max angle U "
               f"{med_max([r[fd]['angle_U'] for r in R])}, V {med_max([r[fd]['angle_V'] for r in R])}; "
               f"‖UᵀU−I‖₂ {med_max([r[fd]['orth_U'] for r in R])}")
-        print(f"   grad err vs the fp32-frame penalty ‖U_kᵀ(W−W0)V_k‖² in fp64: frames alone (fp64) "
+        print("   grad err vs the fp32-frame penalty ‖U_kᵀ(W−W0)V_k‖² in fp64: frames alone (fp64) "
               + ", ".join(f"s={s}: {med_max([r[fd]['grad_fp64'][s] for r in R])}" for s in steps_list)
               + "; as computed (fp32) " + ", ".join(f"s={s}: {med_max([r[fd]['grad_fp32'][s] for r in R])}"
                                                      for s in steps_list)

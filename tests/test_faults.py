@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from rpsft import guards
-from rpsft.bases import BasesCache, compute_bases, fingerprint, get_bases
+from rpsft.bases import BasesCache, fingerprint, get_bases
 from rpsft.cli import app
 from rpsft.config import ConfigError, load_config
 from rpsft.data.formats import DataFormatError, load_records

@@ -191,7 +191,3 @@ class BudgetStateCallback(TrainerCallback):
         if state.is_world_process_zero and ckpt.is_dir():
             self.controller.save(ckpt)
 
-
-def budget_callback(controller: BudgetController) -> BudgetStateCallback:
-    """A ``TrainerCallback`` that writes the controller's state into every checkpoint the Trainer saves."""
-    return BudgetStateCallback(controller)

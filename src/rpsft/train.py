@@ -21,7 +21,7 @@ from .budget import BudgetController, check_budget_method
 from .config import Config, dump_yaml, to_dict
 from .launch import check_launch, resolve_checkpointing
 from .models import cache_root, load_model, parse_dtype
-from .preflight import usable_cache_dir as guards_cache
+from .preflight import usable_cache_dir
 from .trainer import AnchoredSFTTrainer  # also importable from here, as scripts and docs do
 from .trainer_args import check_report_to, check_trainer_section, write_model_card
 
@@ -146,7 +146,7 @@ def build_anchor(model: torch.nn.Module, cfg: Config, full_rank: bool = False,
                  progress: bool = False) -> RotationAnchor:
     a = cfg.anchor
     cache = a.cache_dir if a.cache_dir is not None else str(cache_root() / "bases")
-    cache = guards_cache(cache)  # read-only or not creatable: a warning, and no caching
+    cache = usable_cache_dir(cache)  # read-only or not creatable: a warning, and no caching
     rank = 1.0 if full_rank else a.rank  # fraction 1.0 = min(m, n); with full_rank_as="l2": ‖W − W0‖² exactly
     return RotationAnchor.from_model(model, rank=rank, targets=a.targets, layers=a.layers, svd=a.svd,
                                      dtype=parse_dtype(a.dtype), cache_dir=cache, niter=a.niter, progress=progress,
@@ -249,12 +249,14 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
     dataset = to_dataset(records)
     eval_dataset = to_dataset(load_records(d.eval, split=d.split, columns=d.columns, turns=d.turns)) if d.eval \
         else None
-    finished = preflight.finished_run(out, resume, lambda saved: _yaml_diff(saved, dump_yaml(cfg)),
-                                      cfg.train.max_steps)
+    def config_diff(saved: str) -> list[str]:  # what differs between a saved run's config.yaml and this one
+        return _yaml_diff(saved, dump_yaml(cfg))
+
+    finished = preflight.finished_run(out, resume, config_diff, cfg.train.max_steps)
     if finished is not None:
         log.warning("%s already finished (step %s); nothing to resume", out, finished.get("global_step"))
         return finished
-    ckpt = prepare_run_dir(out, resume, overwrite, lambda saved: _yaml_diff(saved, dump_yaml(cfg)))
+    ckpt = prepare_run_dir(out, resume, overwrite, config_diff)
     out.mkdir(parents=True, exist_ok=True)
     fileio.write_text(out / "config.yaml", dump_yaml(cfg))
 
@@ -282,9 +284,8 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
     guard = guards.FiniteGuard(trainer, cfg.train.nan_policy, cfg.train.nan_max_skips, run_dir=out)
     extra_callbacks = [guard, guards.CheckpointSealer(), *(extra_callbacks or [])]
     install_callbacks(trainer, out, RichProgressCallback(console) if progress else None, extra_callbacks)
-    if ckpt is not None and trainer.anchor_budget is not None:
-        trainer.anchor_budget.load(ckpt)  # continue the λ trajectory where the checkpoint left it
-        trainer.anchor_weight = trainer.anchor_budget.weight(trainer.anchor.terms)
+    if ckpt is not None:
+        trainer.restore_anchor_budget(ckpt)  # continue the λ trajectory where the checkpoint left it
 
     t1 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)

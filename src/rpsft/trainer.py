@@ -30,7 +30,7 @@ import torch
 from trl import SFTTrainer
 
 from .anchor import RotationAnchor
-from .budget import BudgetController, budget_callback, weighted_sum
+from .budget import BudgetController, BudgetStateCallback, weighted_sum
 
 
 class AnchorMixin:
@@ -57,7 +57,14 @@ class AnchorMixin:
         self._weighted: list[float] = []  # λ_t·R_t of each anchored step (λ varies under a budget)
         if self.anchor_budget is not None:
             self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
-            self.add_callback(budget_callback(self.anchor_budget))
+            self.add_callback(BudgetStateCallback(self.anchor_budget))  # its state goes into every checkpoint
+
+    def restore_anchor_budget(self, checkpoint) -> bool:
+        """Continue the budget's λ trajectory from a checkpoint directory (False: no budget, or none saved there)."""
+        if self.anchor_budget is None or not self.anchor_budget.load(checkpoint):
+            return False
+        self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
+        return True
 
     def _resolve_mode(self, mode: str) -> str:
         """closed_form everywhere ∇R can be added to .grad; autograd under DeepSpeed ZeRO-1/2; ZeRO-3 refused."""

@@ -123,8 +123,8 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         anchor = build_anchor(model, cfg, progress=progress)  # frames of the init (SFT) weights; cached bases
         anchor = anchor if len(anchor) else None
     trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
-    if ckpt is not None and trainer.anchor_budget is not None and trainer.anchor_budget.load(ckpt):
-        trainer.anchor_weight = trainer.anchor_budget.weight(trainer.anchor.terms)
+    if ckpt is not None:
+        trainer.restore_anchor_budget(ckpt)  # continue the λ trajectory where the checkpoint left it
     install_callbacks(trainer, out, RLProgress(console) if progress else None, extra_callbacks)
 
     t0 = time.perf_counter()
