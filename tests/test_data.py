@@ -82,3 +82,42 @@ def test_synthetic_math_is_deterministic_and_correct(tmp_path):
     test = load_records(paths["test"])
     assert len(train) == 40 and len(test) == 10
     assert not {r["prompt"][0]["content"] for r in train} & {r["prompt"][0]["content"] for r in test}
+
+
+@pytest.mark.parametrize("spec, expected", [("1-2", (1, 2)), ("3", (3, 3)), (" 2 - 4 ", (2, 4)), ((1, 8), (1, 8))])
+def test_ops_range_parses(spec, expected):
+    from rpsft.data.synthetic_math import parse_ops
+
+    assert parse_ops(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["0-2", "3-2", "1-9", "two", "1-2-3", ""])
+def test_ops_range_refuses_what_it_cannot_generate(spec):
+    from rpsft.data.synthetic_math import parse_ops
+
+    with pytest.raises(ValueError, match=r"--ops .*1 <= LO <= HI <= 8"):
+        parse_ops(spec)
+
+
+def test_ops_sets_the_number_of_worked_steps():
+    def changes(row):  # the worked lines between "starts with" and "The answer is"
+        return len(row["completion"][0]["content"].splitlines()) - 2
+
+    assert {changes(r) for r in generate(200, seed=1, ops="1-2")} == {1, 2}
+    assert {changes(r) for r in generate(50, seed=1, ops="3")} == {3}
+    assert {changes(r) for r in generate(300, seed=1)} == {2, 3, 4}
+    assert generate(30, seed=5) == generate(30, seed=5, ops=(2, 4))  # the default files are unchanged
+
+
+def test_synth_math_cli_ops(tmp_path):
+    from typer.testing import CliRunner
+
+    from rpsft.cli import app
+
+    res = CliRunner().invoke(app, ["data", "synth-math", "--out", str(tmp_path / "s"), "--train", "20", "--test", "5",
+                                   "--ops", "1"])
+    assert res.exit_code == 0, res.output
+    rows = load_records(tmp_path / "s" / "train.jsonl")
+    assert len(rows) == 20 and all(len(r["completion"][0]["content"].splitlines()) == 3 for r in rows)
+    res = CliRunner().invoke(app, ["data", "synth-math", "--out", str(tmp_path / "t"), "--ops", "0-2"])
+    assert res.exit_code == 2 and "--ops 0-2" in res.output and not (tmp_path / "t").exists()

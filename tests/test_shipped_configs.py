@@ -45,3 +45,15 @@ def test_study_plans_the_frontier_grid(monkeypatch):
     assert len(fam["rpsft k=128"]) >= 3 + 1 and len(fam["rpsft k=ranks"]) >= 3 and len(fam["l2init"]) >= 3
     assert {"lora", "dft"} <= set(fam)
     assert len({r.seed for r in fam["sft"]}) == 2 and len({r.seed for r in fam["rpsft k=128"]}) == 2
+
+
+def test_study_budget_extends_the_study_with_three_budgets(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    study = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study.yaml"))}
+    more = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study-budget.yaml"))}
+    assert set(study) < set(more)  # every study run is re-used as is (same names, so same stages)
+    budget = [more[n] for n in set(more) - set(study)]
+    assert len(budget) == 3 and {r.family for r in budget} == {"rpsft-budget"}
+    eps = sorted(float(o.split("=")[1]) for r in budget for o in r.overrides if o.startswith("anchor.budget="))
+    assert eps == [5e-5, 1e-4, 2e-4]
+    assert load_compare_config(ROOT / "configs" / "study-budget.yaml").output_dir == "results/study"

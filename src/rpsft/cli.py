@@ -83,11 +83,13 @@ def synth_math(
     n_train: int = typer.Option(2000, "--train", help="Training problems."),
     n_test: int = typer.Option(200, "--test", help="Held-out problems (disjoint questions)."),
     seed: int = typer.Option(0, "--seed", help="Generation seed (same seed, same files)."),
+    ops: str = typer.Option("2-4", "--ops", help="Quantity changes per problem, N or LO-HI within 1-8 (1-2: short "
+                                                 "solutions a small model learns to reproduce in a few steps)."),
 ):
     """Write the built-in multi-step arithmetic word problems (solutions end in \\boxed{N})."""
     from .data.synthetic_math import write_splits
 
-    paths = write_splits(out, n_train=n_train, n_test=n_test, seed=seed)
+    paths = write_splits(out, n_train=n_train, n_test=n_test, seed=seed, ops=ops)
     print(f"wrote {n_train} train -> {paths['train']}\nwrote {n_test} test  -> {paths['test']}")
 
 

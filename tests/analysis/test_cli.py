@@ -54,6 +54,25 @@ def test_energy_cli_writes_rank_map(tiny, tmp_path):
     _png(out / "energy.png")
 
 
+def test_energy_cli_match_rank_writes_an_equal_memory_map(tiny, tmp_path):
+    out = tmp_path / "energy"
+    res = _ok(["energy", "--model", tiny["base"], "--data", tiny["data"], "--matrices", "q_proj,gate_proj",
+               "--layers", "0-1", "--limit", "3", "--match-rank", "4", "--out", str(out)])
+    rep = json.loads((out / "energy.json").read_text())
+    ranks = json.loads((out / "ranks.json").read_text())
+    mem = sum((m["shape"][0] + m["shape"][1] + 1) * ranks[m["name"]] for m in rep["matrices"]) * 4 / 2**20
+    uniform = sum((m["shape"][0] + m["shape"][1] + 1) * min(4, m["R"]) for m in rep["matrices"]) * 4 / 2**20
+    assert rep["match_rank"] == 4 and 0 < rep["target"] <= 1
+    assert rep["anchor_mib"]["map"] == pytest.approx(mem) and mem <= uniform
+    assert rep["anchor_mib"]["uniform_k4"] == pytest.approx(uniform)
+    assert f"at uniform k=4" in res.output
+    for m in rep["matrices"]:
+        assert m["y"][ranks[m["name"]] - 1] >= rep["target"] or ranks[m["name"]] == m["R"]
+    res = runner.invoke(app, ["energy", "--model", tiny["base"], "--data", tiny["data"], "--match-rank", "0",
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code == 2 and "--match-rank 0" in res.output
+
+
 def test_rotation_cli_several_checkpoints(tiny, tmp_path):
     out = tmp_path / "rot"
     ck = f"{tiny['tuned']},{tiny['tuned2']},{tiny['base']}"

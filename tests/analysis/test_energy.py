@@ -87,3 +87,36 @@ def test_gradient_energy_on_tiny_model_uses_per_sample_gradients(tiny):
     assert set(ranks) == {n for n, _ in params}
     shapes = [(n, tuple(p.shape)) for n, p in params]
     assert resolve_ranks(shapes, ranks) == ranks
+
+
+def _curve(name, shape, y):
+    from rpsft.analysis.energy import EnergyCurve
+
+    return EnergyCurve(name, shape, np.asarray(y, dtype=float), 1.0, 1)
+
+
+def test_target_matching_rank_spends_exactly_the_uniform_memory():
+    from rpsft.analysis.energy import anchor_elements, target_matching_rank
+
+    rng = np.random.default_rng(0)
+    curves = []
+    for i, shape in enumerate([(40, 40), (40, 16), (24, 40)]):
+        R = min(shape)
+        y = np.cumsum(rng.random(R))
+        curves.append(_curve(f"m{i}", shape, 0.9 * y / y[-1]))  # never reaches 1 (an m != n matrix can't)
+    for k in (1, 4, 10, 16):
+        budget = anchor_elements(curves, {c.name: k for c in curves})
+        t = target_matching_rank(curves, k)
+        assert anchor_elements(curves, rank_map(curves, t)) <= budget  # never more memory than uniform k
+        assert anchor_elements(curves, rank_map(curves, t + 1e-9)) > budget  # and the largest such target
+    # a budget that holds every full frame: target 1.0 (matrices that never reach it get their whole R)
+    assert target_matching_rank(curves, 40) == 1.0
+    with pytest.raises(ValueError, match="--match-rank 0"):
+        target_matching_rank(curves, 0)
+
+
+def test_anchor_elements_is_the_uniform_formula():
+    from rpsft.analysis.energy import anchor_elements
+
+    curves = [_curve("a", (6, 4), np.linspace(0.1, 1, 4)), _curve("b", (3, 8), np.linspace(0.1, 1, 3))]
+    assert anchor_elements(curves, {"a": 2, "b": 5}) == (6 + 4 + 1) * 2 + (3 + 8 + 1) * 3  # k clipped at R

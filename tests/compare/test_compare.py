@@ -34,6 +34,31 @@ def test_plan_dedupes_identical_runs(tmp_path, tiny_model_dir, synth_data):
         load_compare_config(None, ["method=sft"])
 
 
+def test_extends_merges_the_parent_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "study.yaml").write_text(
+        "output_dir: results/study\nmethods: [{name: sft, eval_steps: [4]}]\n"
+        "sweep: [{method: rpsft, lam: [1, 10]}]\nid: {teacher_forced: t.jsonl, limit: 200}\nbootstrap: 1000\n")
+    (tmp_path / "configs" / "more.yaml").write_text(  # the parent named relative to the working directory
+        "extends: configs/study.yaml\nsweep: [{method: rpsft, lam: [1, 10]}, {method: rpsft, budget: [1.0e-4]}]\n"
+        "id: {limit: 50}\n")
+    (tmp_path / "configs" / "sib.yaml").write_text("extends: study.yaml\nbootstrap: 2000\n")  # next to it
+    cfg = load_compare_config(tmp_path / "configs" / "more.yaml", ["bootstrap=1500"])
+    assert cfg.output_dir == "results/study" and cfg.methods == [{"name": "sft", "eval_steps": [4]}]
+    assert cfg.sweep[-1] == {"method": "rpsft", "budget": [1.0e-4]} and len(cfg.sweep) == 2  # lists replace
+    assert (cfg.id.teacher_forced, cfg.id.limit) == ("t.jsonl", 50)  # sections merge key by key
+    assert cfg.bootstrap == 1500  # --set still wins
+    assert load_compare_config(tmp_path / "configs" / "sib.yaml").bootstrap == 2000
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_compare_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: extends nowhere.yaml, which does not exist"):
+        load_compare_config(tmp_path / "c.yaml")
+
+
 def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, monkeypatch):
     monkeypatch.setenv("RPSFT_SYNTH_DIR", str(synth_data["test"].parent))
     cfg = make_cfg(tmp_path, tiny_model_dir, synth_data)

@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     "EnergyCurve": "energy", "energy_curve": "energy", "gradient_energy": "energy", "prefix_share": "energy",
-    "rank_map": "energy", "run_energy": "energy",
+    "rank_map": "energy", "run_energy": "energy", "target_matching_rank": "energy", "anchor_elements": "energy",
     "principal_angles": "rotation", "mean_angle_deg": "rotation", "matrix_rotation": "rotation",
     "rankwise": "rotation", "run_rotation": "rotation",
     "mean_gradient": "first_order", "run_first_order": "first_order",

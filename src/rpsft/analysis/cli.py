@@ -102,6 +102,8 @@ def energy(
     layers: Optional[str] = typer.Option(None, "--layers", help=LAYERS_HELP),
     ranks: Optional[str] = typer.Option("8,32,64,128,256", "--ranks", help="r values at which to report y(r)"),
     target: float = typer.Option(0.20, "--target", help="energy share that picks k (paper App. C.5: 0.20)"),
+    match_rank: Optional[int] = typer.Option(None, "--match-rank", help="instead of --target, pick the target whose "
+                                             "rank map has the anchor memory (fp32) of uniform k = this (compare at equal memory)"),
     limit: int = typer.Option(16, "--limit", help="number of samples (per-sample gradients)"),
     max_length: int = typer.Option(1024, "--max-length", help="truncate prompt+completion to this many tokens"),
     out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/energy)"),
@@ -116,8 +118,10 @@ def energy(
     out = _out(out, "energy")
     rlist = _ints(ranks, "--ranks") or []
     rep = _run(lambda cb: run_energy(model, str(data), targets=matrices, layers=layers, limit=limit,
-                                     max_length=max_length, target=target, ranks=rlist, progress=cb),
+                                     max_length=max_length, target=target, ranks=rlist, progress=cb,
+                                     match_rank=match_rank),
                progress="per-sample gradients")
+    target = rep["target"]
     write_json(out / "energy.json", rep)
     write_json(out / "ranks.json", rep["ranks"])
     rows = []
@@ -141,6 +145,9 @@ def energy(
     con.print(t)
     if len(rep["matrices"]) > 40:
         con.print(f"... {len(rep['matrices']) - 40} more matrices in {out / 'energy.json'}")
+    mib = rep["anchor_mib"]
+    con.print(f"rank map: target {target:.4g}, anchor {mib['map']:.2f} MiB (fp32)"
+              + (f" vs {mib[f'uniform_k{match_rank}']:.2f} MiB at uniform k={match_rank}" if match_rank else ""))
     con.print(f"wrote {out}/energy.json, energy.csv, ranks.json (use: rpsft train --set anchor.rank=@{out / 'ranks.json'}),"
               f" energy.png  [{rep['seconds']['gradients']:.1f}s gradients]")
 

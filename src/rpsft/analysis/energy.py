@@ -160,15 +160,45 @@ def rank_map(curves: list[EnergyCurve], target: float) -> dict[str, int]:
     return {c.name: (c.rank_for(target) or c.R) for c in curves}
 
 
+def anchor_elements(curves: list[EnergyCurve], ranks: dict[str, int]) -> int:
+    """Stored numbers of a rank map's anchor: (m + n + 1)·k per matrix (U_k, V_k, σ_k), the uniform-k formula."""
+    return sum((c.shape[0] + c.shape[1] + 1) * min(ranks[c.name], c.R) for c in curves)
+
+
+def target_matching_rank(curves: list[EnergyCurve], rank: int, iters: int = 60) -> float:
+    """The largest energy-share target whose rank map stores no more than a uniform ``rank`` anchor does.
+
+    Comparing a rank map with uniform k at *equal anchor memory* needs one common target t*: the map's size
+    Σ (m+n+1)·k_i(t) is non-decreasing in t (each k_i(t) = smallest r with y_i(r) >= t), so bisection finds t*.
+    """
+    if rank < 1:
+        raise ValueError(f"--match-rank {rank}: give the uniform k whose anchor memory the map should match (>= 1)")
+    budget = anchor_elements(curves, {c.name: rank for c in curves})
+    lo, hi = 0.0, 1.0
+    if anchor_elements(curves, rank_map(curves, hi)) <= budget:
+        return hi
+    for _ in range(iters):  # invariant: cost(lo) <= budget < cost(hi); cost(0) = Σ(m+n+1) <= budget
+        mid = (lo + hi) / 2
+        if anchor_elements(curves, rank_map(curves, mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def run_energy(model_name: str, data: str, targets=None, layers=None, limit: int = 16, max_length: int = 1024,
-               target: float = 0.20, ranks: list[int] | None = None, progress=None) -> dict:
-    """Load, select, compute; returns the JSON-able report (curves + rank map + timing)."""
+               target: float = 0.20, ranks: list[int] | None = None, progress=None,
+               match_rank: int | None = None) -> dict:
+    """Load, select, compute; returns the JSON-able report (curves + rank map + timing). With ``match_rank``
+    the target is not ``target`` but the one whose map has the anchor memory of uniform k = ``match_rank``."""
     from ..data.formats import load_records
     from ..models import load_model
     from ..selection import select_matrices
 
     if not 0.0 < target <= 1.0:
         raise ValueError(f"--target {target}: the energy share target must lie in (0, 1] (paper: 0.20)")
+    if match_rank is not None and match_rank < 1:
+        raise ValueError(f"--match-rank {match_rank}: give the uniform k whose anchor memory the map should match (>= 1)")
     t0 = time.time()
     model, tok = load_model(model_name)
     params = select_matrices(model, targets, layers)
@@ -176,10 +206,16 @@ def run_energy(model_name: str, data: str, targets=None, layers=None, limit: int
     encoded = encode_records(tok, records, max_length=max_length, with_completion=True)
     t1 = time.time()
     curves = gradient_energy(model, tok, encoded, params, progress=progress)
+    if match_rank is not None:
+        target = target_matching_rank(curves, match_rank)
+    ranks_map = rank_map(curves, target)
     return {
         "model": model_name, "data": str(data), "samples": len(encoded),
-        "tokens": sum(len(e.input_ids) for e in encoded), "target": target,
-        "ranks": rank_map(curves, target),
+        "tokens": sum(len(e.input_ids) for e in encoded), "target": target, "match_rank": match_rank,
+        "anchor_mib": {"map": anchor_elements(curves, ranks_map) * 4 / 2**20,
+                       **({f"uniform_k{match_rank}": anchor_elements(curves, {c.name: match_rank for c in curves})
+                           * 4 / 2**20} if match_rank else {})},
+        "ranks": ranks_map,
         "matrices": [c.to_json(target, ranks) for c in curves],
         "seconds": {"load": round(t1 - t0, 2), "gradients": round(time.time() - t1, 2)},
     }

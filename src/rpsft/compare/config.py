@@ -57,12 +57,7 @@ class CompareConfig:
 def load_compare_config(path: str | Path | None, overrides: list[str] | None = None) -> CompareConfig:
     """The compare config from ``path`` and ``--set`` overrides, through the one config loader (coercion,
     did-you-mean), then the compare-specific checks — all before anything trains."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"compare config {p} does not exist (see configs/compare-demo.yaml)")
-        data = yaml.safe_load(p.read_text()) or {}
+    data = read_compare_file(Path(path)) if path is not None else {}
     apply_overrides(data, overrides, CompareConfig, label="compare", free=(), example="id.limit=20")
     if isinstance(data.get("eval_steps"), int):  # one step may be written bare
         data["eval_steps"] = [data["eval_steps"]]
@@ -88,9 +83,41 @@ def load_compare_config(path: str | Path | None, overrides: list[str] | None = N
     return cfg
 
 
+def read_compare_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a compare config file with its ``extends:`` parent merged in: the child's top-level keys
+    replace the parent's, except mapping sections (``id``, ``ood``), which are merged key by key. So a study can
+    grow by a file that names the study and restates only what it adds (e.g. one more ``sweep`` entry), and, with
+    the same ``output_dir``, re-uses every stage the parent already finished."""
+    if not path.is_file():
+        what = f"compare config {path}" if not chain else f"{chain[-1]}: extends {path}, which"
+        raise ConfigError(f"{what} does not exist (see configs/compare-demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"compare config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"compare config {path}: expected a mapping of keys (output_dir, methods, sweep, ...)")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if path.resolve() in [c.resolve() for c in chain]:
+        raise ConfigError(f"compare config {path}: `extends` makes a cycle ({' -> '.join(map(str, (*chain, path)))})")
+    # as written (paths in configs are relative to the working directory), else next to the extending file
+    ppath = Path(str(parent)).expanduser()
+    if not ppath.is_file() and (path.parent / ppath).is_file():
+        ppath = path.parent / ppath
+    merged = read_compare_file(ppath, (*chain, path))
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 FORGETTING = ("probe_kl", "probe_nll_delta", "ood_drop")
 SWEEP_META = ("method", "set", "label", "eval_steps")
-SHORT = {"anchor.rank": "k", "anchor.lam": "lam", "anchor.period": "s", "train.seed": "seed", "train.lr": "lr",
+SHORT = {"anchor.rank": "k", "anchor.lam": "lam", "anchor.budget": "eps", "anchor.period": "s", "train.seed": "seed", "train.lr": "lr",
          "train.max_steps": "steps"}
 
 

@@ -1,6 +1,6 @@
 """The project's own offline data: multi-step arithmetic word problems with worked solutions.
 
-Each problem is a short story of 2-4 quantity changes (buy, give away, share equally, multiply into boxes, ...).
+Each problem is a short story of 2-4 quantity changes (``ops``: any range within 1-8) (buy, give away, share equally, multiply into boxes, ...).
 The solution walks through every step with its arithmetic and ends in ``\\boxed{N}``, the format the math judge
 reads. Generation is deterministic in ``seed``; train and test never share a question.
 """
@@ -43,12 +43,13 @@ def _step(rng: random.Random, name: str, item: str, x: int) -> tuple[str, str, i
     return None
 
 
-def make_problem(rng: random.Random) -> dict:
+def make_problem(rng: random.Random, ops: tuple[int, int] = (2, 4)) -> dict:
+    """One problem with ``ops[0]``..``ops[1]`` quantity changes (uniform)."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     x = rng.randint(3, 60)
     story = [f"{name} has {x} {item}."]
     work = [f"{name} starts with {x} {item}."]
-    n_steps = rng.randint(2, 4)
+    n_steps = rng.randint(*ops)
     while len(story) - 1 < n_steps:
         s = _step(rng, name, item, x)
         if s is None:
@@ -65,12 +66,29 @@ def make_problem(rng: random.Random) -> dict:
     }
 
 
-def generate(n: int, seed: int = 0, exclude: set[str] | None = None) -> list[dict]:
+def parse_ops(spec: str | tuple[int, int]) -> tuple[int, int]:
+    """``"2-4"``, ``"1"`` or a (lo, hi) pair -> (lo, hi), checked: 1 <= lo <= hi <= 8."""
+    if isinstance(spec, str):
+        parts = spec.replace(" ", "").split("-")
+        try:
+            lo, hi = (int(parts[0]), int(parts[-1])) if 1 <= len(parts) <= 2 else (0, -1)
+        except ValueError:
+            lo, hi = 0, -1
+    else:
+        lo, hi = spec
+    if not 1 <= lo <= hi <= 8:
+        raise ValueError(f"--ops {spec}: give the number of quantity changes per problem as N or LO-HI with "
+                         f"1 <= LO <= HI <= 8 (default 2-4)")
+    return lo, hi
+
+
+def generate(n: int, seed: int = 0, exclude: set[str] | None = None, ops: str | tuple[int, int] = (2, 4)) -> list[dict]:
+    ops = parse_ops(ops)
     rng = random.Random(seed)
     seen = set(exclude or ())
     out = []
     while len(out) < n:
-        p = make_problem(rng)
+        p = make_problem(rng, ops)
         q = p["prompt"][0]["content"]
         if q in seen:
             continue
@@ -79,11 +97,13 @@ def generate(n: int, seed: int = 0, exclude: set[str] | None = None) -> list[dic
     return out
 
 
-def write_splits(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0) -> dict[str, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` (disjoint questions) into ``out_dir``; returns their paths."""
+def write_splits(out_dir: str | Path, n_train: int = 2000, n_test: int = 200, seed: int = 0,
+                 ops: str | tuple[int, int] = (2, 4)) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``test.jsonl`` (disjoint questions) into ``out_dir``; returns their paths.
+    ``ops`` sets the quantity changes per problem (``"1-2"``: short solutions, see :func:`parse_ops`)."""
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train}, {n_test}")
-    rows = generate(n_train + n_test, seed=seed)
+    rows = generate(n_train + n_test, seed=seed, ops=ops)
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "train.jsonl", "test": out_dir / "test.jsonl"}
     write_jsonl(paths["train"], rows[:n_train])
