@@ -98,3 +98,81 @@ def test_frontier_plot_draws_one_curve_per_family_and_the_front(tmp_path, monkey
     # checkpoint against sft@4: both SFT points are off the front
     assert [r["point"] for r in rows if r["pareto"]] == ["base", "sft@12", "sft", "l2init-lam1", "l2init-lam10",
                                                           "l2init-lam100", "l2init-lam10@8"]
+
+
+def _result(family, step, correct, kl, seed=42, final=True, tokens=None):
+    """A compare result with teacher-forced ID items and probe prompts (KL per prompt, NLL delta = 2·KL)."""
+    tokens = tokens or [10] * len(kl)
+    return {"family": family, "method": family.split()[0], "step": step, "seed": seed, "final": final,
+            "run": family, "k": None,
+            "id_tf": {"items": [{"id": str(i), "correct": float(c)} for i, c in enumerate(correct)]},
+            "probe": {"per_prompt": [{"id": f"p{j}", "kl": v, "nll_tuned": 1 + 2 * v, "nll_base": 1.0, "tokens": t}
+                                     for j, (v, t) in enumerate(zip(kl, tokens))]}}
+
+
+def _curve_results(n=200, m=120):
+    rng = np.random.default_rng(0)
+
+    def correct(p):  # exactly round(p·n) items right, at random places
+        c = np.zeros(n)
+        c[rng.choice(n, int(round(p * n)), replace=False)] = 1
+        return c
+
+    def kl(mu):
+        return list(np.clip(mu + 0.004 * rng.standard_normal(m), 0, None))
+
+    res = {"base": {"family": "base", "step": 0, "seed": None, "final": True, "run": "base", "method": "base",
+                    "id_tf": {"items": [{"id": str(i), "correct": 0.0} for i in range(n)]}}}
+    for step, p, mu in [(4, 0.1, 0.02), (8, 0.2, 0.04), (12, 0.3, 0.06)]:
+        res[f"sft@{step}"] = _result("sft", step, correct(p), kl(mu), final=False)
+    res["sft"] = _result("sft", 16, correct(0.4), kl(0.08))
+    res["good"] = _result("rpsft k=8", 16, correct(0.25), kl(0.02))
+    res["on"] = _result("rpsft k=8", 16, correct(0.25), kl(0.05))
+    res["bad"] = _result("l2init", 16, correct(0.25), kl(0.09))
+    res["far"] = _result("l2init", 16, correct(0.9), kl(0.01))
+    return res
+
+
+def test_curve_gap_reads_the_reference_at_equal_id_gain():
+    from rpsft.compare.frontier import curve_gap, id_items, probe_items
+
+    res = _curve_results()
+    sft = ["base", "sft@4", "sft@8", "sft@12", "sft"]
+    g = curve_gap(res, "good", sft, n_resamples=1000)
+    # by hand: ID gain 0.25 lies halfway between sft@8 (0.2) and sft@12 (0.3): the curve's KL is their mean
+    mean_kl = {n: np.mean([v[0] for v in probe_items(res[n]).values()]) for n in sft[1:] + ["good"]}
+    gain = {n: np.mean(list(id_items(res[n]).values())) for n in sft[1:] + ["good"]}
+    t = (gain["good"] - gain["sft@8"]) / (gain["sft@12"] - gain["sft@8"])
+    assert g["delta"] == pytest.approx(mean_kl["good"] - ((1 - t) * mean_kl["sft@8"] + t * mean_kl["sft@12"]))
+    assert g["verdict"] == "outside" and g["hi"] < 0 and g["lo"] < g["delta"] < g["hi"]
+    assert g["n_id"] == 200 and g["n_probe"] == 120 and g["beyond"] < 0.05
+    on = curve_gap(res, "on", sft, n_resamples=1000)
+    assert on["verdict"] == "unresolved" and on["lo"] < 0 < on["hi"]
+    assert curve_gap(res, "bad", sft, n_resamples=1000)["verdict"] == "inside"
+    far = curve_gap(res, "far", sft, n_resamples=500)
+    assert far["verdict"] == "beyond" and far["delta"] is None and far["beyond"] == 1.0
+    # the Δ NLL measure (2·KL here) gives twice the gap
+    assert curve_gap(res, "good", sft, which=1, n_resamples=200)["delta"] == pytest.approx(2 * g["delta"])
+    # a point identical to a curve point sits on the curve: zero gap
+    res["twin"] = {**res["sft@8"], "family": "rpsft k=8"}
+    assert curve_gap(res, "twin", sft, n_resamples=200)["delta"] == pytest.approx(0, abs=1e-12)
+
+
+def test_curve_gaps_in_the_frontier_table():
+    from rpsft.compare.frontier import add_curve_gaps, frontier_points, reference_curves, render_frontier
+
+    res = _curve_results()
+    rows = frontier_points(res, "probe_kl", 300)
+    curves = reference_curves(rows)
+    assert curves["sft"] == ["base", "sft@4", "sft@8", "sft@12", "sft"]
+    assert curves["rpsft k=8"] == ["base", "good", "on"] and curves["l2init"] == ["base", "bad", "far"]
+    add_curve_gaps(rows, res, "probe_kl", 300)
+    by = {r["point"]: r for r in rows}
+    assert set(by["good"]["vs_curves"]) == {"sft", "l2init"}  # never against its own curve
+    assert by["good"]["vs_curves"]["sft"]["verdict"] == "outside"
+    assert "sft@4" in by and set(by["sft@4"]["vs_curves"]) == {"rpsft k=8", "l2init"}
+    text = render_frontier(rows, "probe_kl")
+    assert "## Against the reference curves" in text and "| good |" in text and "outside" in text
+    rows_ood = frontier_points(res, "ood_drop", 100)
+    add_curve_gaps(rows_ood, res, "ood_drop", 100)
+    assert all("vs_curves" not in r for r in rows_ood)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from .. import fileio
 from .report import pyplot, save_png
 from .stats import mean_interval, paired_delta, pareto_front
@@ -105,6 +107,95 @@ def frontier_points(results: dict[str, dict], forgetting: str = "probe_kl", n_re
     return rows
 
 
+# ------------------------------------------------------------------------------- gap to a reference curve
+
+
+def reference_curves(rows: list[dict]) -> dict[str, list[str]]:
+    """The curves a point is judged against: SFT's early-stopping curve (the base, then SFT's checkpoints in
+    step order, first seed) and, for every other family, its first seed's final points (a λ or budget path),
+    each starting at the base. Families with a single point are no curve."""
+    seed0: dict[str, object] = {}
+    for r in rows:
+        seed0.setdefault(r["family"], r["seed"])
+    curves: dict[str, list[str]] = {}
+    for fam in seed0:
+        if fam == "base":
+            continue
+        mine = [r for r in rows if r["family"] == fam and r["seed"] == seed0[fam]]
+        if fam != "sft":
+            mine = [r for r in mine if r["final"]]
+        if len(mine) >= 2 or fam == "sft":
+            curves[fam] = ["base", *[r["point"] for r in sorted(mine, key=lambda r: r["step"] or 0)]]
+    return curves
+
+
+def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int = 0, seed: int = 0,
+              n_resamples: int = 2000, confidence: float = 0.95) -> dict | None:
+    """Forgetting of ``point`` minus the forgetting of ``curve`` at the same ID gain, with a bootstrap interval.
+
+    The curve is the piecewise-linear path through its points' (ID gain, forgetting) sorted by ID gain (the base
+    is its origin); read at the point's ID gain it is the forgetting the reference pays for that much learning.
+    A negative gap whose interval excludes 0 is "less forgetting at equal ID gain": the point lies outside the
+    curve. ID items and probe prompts are two item sets, resampled independently, each with the same indices for
+    every model (paired), and the whole curve is recomputed in each resample, so the interval carries the
+    curve's own uncertainty too. ``which``: 0 probe KL, 1 Δ NLL of the base's answers. Resamples in which the
+    point learns more than every curve point cannot be read (no extrapolation); their share is ``beyond``, and
+    the interval covers the others. Returns None without ID items or probe data.
+    """
+    names = [*curve, point]
+    ids = [id_items(results[n]) for n in names]
+    probes = [probe_items(results[n]) for n in names[1:]]  # the base's forgetting is 0 by definition
+    id_keys = sorted(set.intersection(*[set(d) for d in ids]))
+    pr_keys = sorted(set.intersection(*[set(d) for d in probes])) if probes else []
+    if not id_keys or not pr_keys:
+        return None
+    ID = np.array([[d[k] for d in ids] for k in id_keys])  # items × models
+    Y = np.array([[0.0] + [d[k][which] for d in probes] for k in pr_keys])
+    W = np.array([probes[0][k][2] for k in pr_keys], dtype=np.float64)
+
+    def gaps(id_idx: np.ndarray, pr_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per resample (rows of the index arrays): the gap, NaN where the point is beyond the curve."""
+        gain = ID[id_idx].mean(axis=1)  # B × models
+        gain = gain - gain[:, :1]
+        w = W[pr_idx][..., None]
+        y = (Y[pr_idx] * w).sum(axis=1) / w.sum(axis=1)
+        out = np.full(len(gain), np.nan)
+        for b in range(len(gain)):
+            order = np.argsort(gain[b, :-1], kind="stable")
+            xs, ys = gain[b, :-1][order], y[b, :-1][order]
+            if gain[b, -1] <= xs[-1]:
+                out[b] = y[b, -1] - np.interp(gain[b, -1], xs, ys)
+        return out, gain[:, -1]
+
+    est, _ = gaps(np.arange(len(id_keys))[None], np.arange(len(pr_keys))[None])
+    rng = np.random.default_rng(seed)
+    boot, _ = gaps(rng.integers(0, len(id_keys), (n_resamples, len(id_keys))),
+                   rng.integers(0, len(pr_keys), (n_resamples, len(pr_keys))))
+    ok = boot[~np.isnan(boot)]
+    alpha = (1 - confidence) / 2
+    lo, hi = (float(np.quantile(ok, alpha)), float(np.quantile(ok, 1 - alpha))) if ok.size else (None, None)
+    d = None if np.isnan(est[0]) else float(est[0])
+    verdict = ("beyond" if d is None else "outside" if hi is not None and hi < 0 else
+               "inside" if lo is not None and lo > 0 else "unresolved")
+    return {"delta": d, "lo": lo, "hi": hi, "beyond": float(np.isnan(boot).mean()), "n_id": len(id_keys),
+            "n_probe": len(pr_keys), "curve": curve, "verdict": verdict}
+
+
+def add_curve_gaps(rows: list[dict], results: dict[str, dict], forgetting: str, n_resamples: int) -> None:
+    """``row["vs_curves"][family]``: :func:`curve_gap` of every tuned point against every reference curve it is
+    not part of (forgetting measured as the frontier's y; not defined for ``ood_drop``)."""
+    if forgetting not in ("probe_kl", "probe_nll_delta"):
+        return
+    which = 0 if forgetting == "probe_kl" else 1
+    curves = reference_curves(rows)
+    for i, r in enumerate(rows):
+        if r["point"] == "base":
+            continue
+        gaps = {fam: curve_gap(results, r["point"], pts, which, seed=i, n_resamples=n_resamples)
+                for fam, pts in curves.items() if r["point"] not in pts}
+        r["vs_curves"] = {fam: g for fam, g in gaps.items() if g is not None}
+
+
 def _first_seed(results: dict, family: str):
     seeds = [r.get("seed") for r in results.values() if r.get("family") == family]
     return seeds[0] if seeds else None
@@ -149,6 +240,34 @@ def render_frontier(rows: list[dict], forgetting: str) -> str:
               "(resampled by prompt); ΔOOD: log-likelihood MC accuracy − base (final points only). "
               "vs SFT@step: the difference from SFT's point at the same optimizer step, paired the same way. "
               "Pareto: no other point has at least as much ID gain and at most as much forgetting (one strictly)."]
+    return "\n".join(lines) + "\n" + render_curve_gaps(rows, forgetting)
+
+
+def _gap_cell(g: dict | None) -> str:
+    if g is None:
+        return "–"
+    if g["delta"] is None:
+        return "beyond (learns more than every point)"
+    beyond = f", {100 * g['beyond']:.0f} % beyond" if g["beyond"] >= 0.005 else ""
+    return f"{g['delta']:+.3g} [{g['lo']:+.3g}, {g['hi']:+.3g}] {g['verdict']}{beyond}"
+
+
+def render_curve_gaps(rows: list[dict], forgetting: str) -> str:
+    """The table of :func:`curve_gap`: each point's forgetting minus each reference curve's at equal ID gain."""
+    fams = list(dict.fromkeys(f for r in rows for f in (r.get("vs_curves") or {})))
+    if not fams:
+        return ""
+    lines = ["", "## Against the reference curves", "",
+             f"Gap = the point's {FORGETTING_LABEL[forgetting]} minus the curve's at the same ID gain "
+             "(piecewise linear through the curve's points from the base; SFT's curve is its checkpoints, the others "
+             "their grid's final points, first seed). outside: less forgetting at equal ID gain, 95 % interval "
+             "below 0; inside: more, interval above 0; unresolved: the interval holds 0; beyond: the point learns "
+             "more than every point of the curve, where it cannot be read (share of bootstrap resamples given).", "",
+             "| point | " + " | ".join(f"vs {f}" for f in fams) + " |", "|" + "---|" * (len(fams) + 1)]
+    for r in sorted(rows, key=lambda r: (str(r["family"]), r["step"] or 0, r["seed"] or 0)):
+        vs = r.get("vs_curves")
+        if vs:
+            lines.append(f"| {r['point']} | " + " | ".join(_gap_cell(vs.get(f)) for f in fams) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +341,7 @@ def _short(name: str) -> str:
 
 def write_frontier(root: Path, results: dict, forgetting: str, n_resamples: int) -> list[dict]:
     rows = frontier_points(results, forgetting, n_resamples)
+    add_curve_gaps(rows, results, forgetting, n_resamples)
     fileio.write_json(root / "frontier.json", {"forgetting": forgetting, "points": rows})
     plot_frontier(rows, forgetting, root / "frontier.png")
     return rows
