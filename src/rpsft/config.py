@@ -81,6 +81,8 @@ class BaseTrainConfig:
     bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
     report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, trackio, ... ([] = none)
+    nan_policy: str = "stop"  # non-finite loss/penalty/gradient: stop (at that step) | skip (drop the step's update)
+    nan_max_skips: int = 10  # with nan_policy=skip: stop once more than this many steps were skipped
 
 
 @dataclass
@@ -89,8 +91,6 @@ class TrainConfig(BaseTrainConfig):
     batch_size: int = 4  # per device
     grad_accum: int = 4
     loss_type: str = "nll"  # TRL's SFT loss: nll | dft (set by method=dft)
-    nan_policy: str = "stop"  # non-finite loss/penalty/gradient: stop (at that step) | skip (drop the step's update)
-    nan_max_skips: int = 10  # with nan_policy=skip: stop once more than this many steps were skipped
 
 
 @dataclass

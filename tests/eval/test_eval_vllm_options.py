@@ -44,6 +44,20 @@ def test_engine_is_released_when_the_evaluation_ends(fake_vllm, tiny_dir, eval_d
     assert fake_vllm.destroyed == ["model_parallel", "distributed"]
 
 
+def test_engine_is_released_when_the_evaluation_fails(fake_vllm, tiny_dir, eval_dir, tmp_path, monkeypatch):
+    from rpsft.eval import run_eval
+
+    def broken(self, prompts, params, use_tqdm=False):
+        raise KeyboardInterrupt  # an interruption mid-generation
+
+    monkeypatch.setattr(fake_vllm.vllm.LLM, "generate", broken)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(str(tiny_dir), "aime24", k=1, backend="vllm", out_dir=tmp_path / "o", eval_dir=eval_dir,
+                 limit=2, max_new_tokens=8)
+    assert len(fake_vllm.engines) == 1 and fake_vllm.engines[0]() is None
+    assert fake_vllm.destroyed == ["model_parallel", "distributed"]
+
+
 def test_vllm_options_without_the_vllm_backend_are_refused(tiny_dir, eval_dir, tmp_path):
     from rpsft.eval import run_eval
 

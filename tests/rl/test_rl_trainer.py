@@ -182,3 +182,38 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 def test_rows_all_answer_seven():
     assert {r["answer"] for r in SYNTH_ROWS} == {"7"}
+
+
+def test_rl_stops_at_a_non_finite_step_and_seals_its_checkpoints(tiny_model_dir, synth_file, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    import rpsft.rl.trainer as rl_trainer
+    from rpsft.guards import COMPLETE, NonFiniteError
+    from rpsft.rl.run import run_rl
+
+    made = {}
+
+    def canned_build(cfg, model, tok, *args, **kwargs):
+        trainer = build_trainer(cfg, model, tok, *args, **kwargs)
+        trainer._generate_single_turn = Canned(tok, [[True, False, False, True]])
+        made["trainer"] = trainer
+        return trainer
+
+    class PoisonAtStep2(TrainerCallback):  # a weight goes NaN before step 2's forward pass
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "q_proj" in n)[0, 0] = float("nan")
+
+    monkeypatch.setattr(rl_trainer, "build_trainer", canned_build)
+    cfg = load_rl_config(None, tiny_overrides(synth_file, tmp_path / "run", **{"train.max_steps": 3,
+                                                                               "dapo.max_completion_length": 24}),
+                         init=str(tiny_model_dir))
+    with pytest.raises(NonFiniteError, match=r"training stopped at step 2: loss .*not finite.*checkpoint-1"):
+        run_rl(cfg, progress=False, extra_callbacks=[PoisonAtStep2()])
+    assert made["trainer"].state.global_step == 1
+    assert (tmp_path / "run" / "checkpoint-1" / COMPLETE).is_file()  # sealed: --resume latest may trust it
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+    with pytest.raises(ValueError, match="train.nan_policy must be stop or skip"):
+        run_rl(load_rl_config(None, tiny_overrides(synth_file, tmp_path / "r2", **{"train.nan_policy": "ignore"}),
+                              init=str(tiny_model_dir)), progress=False)

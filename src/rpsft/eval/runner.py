@@ -234,33 +234,35 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
 
         gen = VLLMGenerator(resolve(model), seed=seed, **(vllm_options or {}))
         tok = gen.tok
-    rendered: dict[tuple[str, int], str] = {}
-    for b, i, _ in jobs:
-        if (b.name, i) not in rendered:
-            rendered[(b.name, i)] = render_prompts(tok, [items[b.name][i]["prompt"]])[0]
-    texts = [rendered[(b.name, i)] for b, i, _ in jobs]
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed)
-    if backend == "vllm":  # one seed per (benchmark, problem, sample): resumed runs redraw the same samples
-        import zlib
+    try:
+        rendered: dict[tuple[str, int], str] = {}
+        for b, i, _ in jobs:
+            if (b.name, i) not in rendered:
+                rendered[(b.name, i)] = render_prompts(tok, [items[b.name][i]["prompt"]])[0]
+        texts = [rendered[(b.name, i)] for b, i, _ in jobs]
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed)
+        if backend == "vllm":  # one seed per (benchmark, problem, sample): resumed runs redraw the same samples
+            import zlib
 
-        kwargs["request_seeds"] = [zlib.crc32(f"{seed}/{b.name}/{i}/{s}".encode()) for b, i, s in jobs]
-    new_tokens = 0
-    for batch in gen.generate_iter(texts, **kwargs):
-        for j, res in batch:
-            b, i, s = jobs[j]
-            it = items[b.name][i]
-            row = {"benchmark": b.name, "index": i, "id": it["id"], "sample": s, "prompt": it["prompt"],
-                   "completion": res["text"], "n_tokens": res["n_tokens"], "finish": res["finish"],
-                   "gold": it["gold"], "judge": it["judge"]}
-            row.update(judge_completion(it, res["text"], b.flex, judge_timeout_s))
-            append_jsonl(samples_path, row)
-            done[(b.name, i, s)] = row
-            new_tokens += res["n_tokens"]
-        finished += len(batch)
-        if progress:
-            progress("generating", finished, total)
-    if backend == "vllm":
-        gen.close()  # its GPU memory back now (rpsft rl starts TRL's own vLLM engine next)
+            kwargs["request_seeds"] = [zlib.crc32(f"{seed}/{b.name}/{i}/{s}".encode()) for b, i, s in jobs]
+        new_tokens = 0
+        for batch in gen.generate_iter(texts, **kwargs):
+            for j, res in batch:
+                b, i, s = jobs[j]
+                it = items[b.name][i]
+                row = {"benchmark": b.name, "index": i, "id": it["id"], "sample": s, "prompt": it["prompt"],
+                       "completion": res["text"], "n_tokens": res["n_tokens"], "finish": res["finish"],
+                       "gold": it["gold"], "judge": it["judge"]}
+                row.update(judge_completion(it, res["text"], b.flex, judge_timeout_s))
+                append_jsonl(samples_path, row)
+                done[(b.name, i, s)] = row
+                new_tokens += res["n_tokens"]
+            finished += len(batch)
+            if progress:
+                progress("generating", finished, total)
+    finally:  # also on an error or an interruption: a failed evaluation must not keep the GPU memory
+        if backend == "vllm":
+            gen.close()  # its GPU memory back now (rpsft rl starts TRL's own vLLM engine next)
     return finished, new_tokens
 
 

@@ -139,6 +139,8 @@ def validate_rl(cfg: RLConfig) -> None:
         (d.num_iterations >= 1, f"dapo.num_iterations must be >= 1, got {d.num_iterations}"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
+        (t.nan_policy in ("stop", "skip"), f"train.nan_policy must be stop or skip, got {t.nan_policy!r}"),
+        (t.nan_max_skips >= 0, f"train.nan_max_skips must be >= 0, got {t.nan_max_skips}"),
         (cfg.data.system_prompt in ("auto", "boxed", "file", "none"),
          f"data.system_prompt must be auto, boxed, file or none, got {cfg.data.system_prompt!r}"),
         *anchor_checks(cfg.anchor),

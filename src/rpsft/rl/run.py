@@ -89,6 +89,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
     import torch
 
+    from .. import guards
     from ..launch import check_launch
     from ..models import load_model
     from ..train import build_anchor, install_callbacks
@@ -125,7 +126,11 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
     if ckpt is not None:
         trainer.restore_anchor_budget(ckpt)  # continue the λ trajectory where the checkpoint left it
-    install_callbacks(trainer, out, RLProgress(console) if progress else None, extra_callbacks)
+    # the same safety as SFT: no optimizer step with a non-finite loss, penalty or gradient (train.nan_policy), and
+    # sealed checkpoints, so `--resume latest` never picks one torn by an interruption
+    guard = guards.FiniteGuard(trainer, cfg.train.nan_policy, cfg.train.nan_max_skips, run_dir=out)
+    install_callbacks(trainer, out, RLProgress(console) if progress else None,
+                      [guard, guards.CheckpointSealer(), *(extra_callbacks or [])])
 
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
