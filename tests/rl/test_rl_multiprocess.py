@@ -73,3 +73,58 @@ def test_vllm_context_shorter_than_the_completion_is_refused(tiny_model_dir, syn
     with pytest.raises(ConfigError, match="vllm_max_model_length"):
         load_rl_config(None, tiny_overrides(synth_file, tmp_path / "run", **{"dapo.vllm_max_model_length": 12}),
                        init=str(tiny_model_dir))
+
+
+class _StopAfterAnchor(Exception):
+    pass
+
+
+def _anchor_world_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One `accelerate launch`-style process of `rpsft rl`: records the process group the anchor is built in."""
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    import rpsft.train as train_mod
+
+    torch.set_num_threads(1)
+    paths = json.loads((Path(out_dir) / "paths.json").read_text())
+    built = train_mod.build_anchor
+
+    def recording_build(model, cfg, **kw):
+        anchor = built(model, cfg, **kw)
+        seen = {"initialized": dist.is_initialized(), "world": dist.get_world_size() if dist.is_initialized() else 1,
+                "matrices": len(anchor), "penalty_at_init": float(anchor.penalty(model))}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(seen))
+        raise _StopAfterAnchor
+
+    train_mod.build_anchor = recording_build
+    cfg = load_rl_config(None, tiny_overrides(Path(paths["data"]), Path(out_dir) / "run",
+                                              **{"anchor.enabled": "true", "anchor.rank": 4,
+                                                 "anchor.cache_dir": str(Path(out_dir) / f"bases{rank}")}),
+                         init=paths["model"])
+    try:
+        run_rl(cfg, progress=False)
+    except _StopAfterAnchor:
+        pass
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def test_the_anchor_is_built_inside_the_process_group(tiny_model_dir, synth_file, tmp_path):
+    # Under `accelerate launch` the group must exist before the bases are computed: then each SVD runs on one
+    # rank and is broadcast (rpsft.distributed.assign_owners) instead of every rank computing all of them.
+    from rpsft_testing import run_ranks
+
+    (tmp_path / "paths.json").write_text(json.dumps({"model": str(tiny_model_dir), "data": str(synth_file)}))
+    run_ranks(_anchor_world_worker, tmp_path, world=2)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["initialized"] and s["world"] == 2 for s in seen)
+    assert seen[0]["matrices"] == seen[1]["matrices"] > 0
+    assert all(s["penalty_at_init"] < 1e-8 for s in seen)  # broadcast bases are the init's own frames

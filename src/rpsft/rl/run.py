@@ -93,7 +93,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     from ..launch import check_launch
     from ..models import load_model
     from ..train import build_anchor, install_callbacks
-    from .trainer import RLProgress, build_trainer, use_vllm_default
+    from .trainer import RLProgress, build_trainer, dapo_args, use_vllm_default
 
     validate_rl(cfg)
     check_launch(bool(cfg.anchor.enabled))
@@ -119,11 +119,14 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
 
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = load_model(cfg.init, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    dataset = datasets.Dataset.from_list(prompts)
+    args = dapo_args(cfg, tokenizer, dataset, out)
+    _ = args.device  # initialises the process group under `accelerate launch`, so bases are split across ranks
     anchor = None
     if cfg.anchor.enabled:
         anchor = build_anchor(model, cfg, progress=progress)  # frames of the init (SFT) weights; cached bases
         anchor = anchor if len(anchor) else None
-    trainer = build_trainer(cfg, model, tokenizer, datasets.Dataset.from_list(prompts), out, anchor=anchor)
+    trainer = build_trainer(cfg, model, tokenizer, dataset, out, anchor=anchor, args=args)
     if ckpt is not None:
         trainer.restore_anchor_budget(ckpt)  # continue the λ trajectory where the checkpoint left it
     # the same safety as SFT: no optimizer step with a non-finite loss, penalty or gradient (train.nan_policy), and

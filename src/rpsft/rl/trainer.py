@@ -139,16 +139,26 @@ def build_grpo_config(cfg: RLConfig, output_dir: str | Path, reward_weights: lis
     return GRPOConfig(**kwargs)
 
 
-def build_trainer(cfg: RLConfig, model, tokenizer, dataset, output_dir: str | Path, anchor=None,
-                  **grpo_overrides: Any):
-    """The DAPO trainer for ``model`` on ``dataset`` (rows ``{"prompt", "gold"}``)."""
+def dapo_args(cfg: RLConfig, tokenizer, dataset, output_dir: str | Path, **grpo_overrides: Any):
+    """The ``GRPOConfig`` of a DAPO run (reward weights, vLLM context length and all)."""
     d = cfg.dapo
-    funcs, weights, correctness = build_reward_funcs(d.max_completion_length, d.overlong_buffer,
-                                                     d.overlong_penalty, d.judge_timeout_s)
+    weights = build_reward_funcs(d.max_completion_length, d.overlong_buffer, d.overlong_penalty,
+                                 d.judge_timeout_s)[1]
     use_vllm = use_vllm_default(d.use_vllm)
     if use_vllm and d.vllm_max_model_length is None:
         grpo_overrides.setdefault("vllm_max_model_length", vllm_max_model_length(cfg, tokenizer, dataset))
-    args = build_grpo_config(cfg, output_dir, weights, use_vllm, **grpo_overrides)
+    return build_grpo_config(cfg, output_dir, weights, use_vllm, **grpo_overrides)
+
+
+def build_trainer(cfg: RLConfig, model, tokenizer, dataset, output_dir: str | Path, anchor=None, args=None,
+                  **grpo_overrides: Any):
+    """The DAPO trainer for ``model`` on ``dataset`` (rows ``{"prompt", "gold"}``); ``args`` from
+    :func:`dapo_args` when the caller needed them first (``rpsft rl`` starts the process group with them)."""
+    d = cfg.dapo
+    funcs, _, correctness = build_reward_funcs(d.max_completion_length, d.overlong_buffer, d.overlong_penalty,
+                                               d.judge_timeout_s)
+    if args is None:
+        args = dapo_args(cfg, tokenizer, dataset, output_dir, **grpo_overrides)
     return DAPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
                        correctness=correctness, dynamic_sampling=d.dynamic_sampling, max_gen_rounds=d.max_gen_rounds,
                        anchor=anchor, anchor_weight=cfg.anchor.lam, anchor_period=cfg.anchor.period,
