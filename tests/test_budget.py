@@ -156,15 +156,38 @@ def test_controller_bounds_and_state_round_trip():
             self.terms = {n: type("T", (), {"ref_sq": 1.0})() for n in sq}
 
     c = BudgetController(0.1, lam=1.0, lam_min=0.5, lam_max=2.0, rate=0.2, kp=1.0)
-    for _ in range(20):
-        c.update(Fake({"a.q_proj.weight": 1.0}))  # d = 1 = 10 ε: λ rises to its ceiling and stays there
-    assert c.lam["all"] == 2.0 and c.drift["all"] == pytest.approx(1.0)
-    for _ in range(40):
-        c.update(Fake({"a.q_proj.weight": 1e-8}))  # far below: down to the floor, no wind-up from the ceiling
+    for i in range(20):
+        c.update(Fake({"a.q_proj.weight": 1.0 + 1e-3 * i}))  # d ≈ 1 = 10 ε: λ rises to its ceiling and stays
+    assert c.lam["all"] == 2.0 and c.drift["all"] == pytest.approx(1.0, rel=0.01)
+    for i in range(40):
+        c.update(Fake({"a.q_proj.weight": 1e-8 * (1 + 1e-3 * i)}))  # far below: down to the floor, no wind-up
     assert c.lam["all"] == 0.5
     c2 = BudgetController(0.1, lam=1.0, lam_min=0.5, lam_max=2.0)
     c2.load_state_dict(json.loads(json.dumps(c.state_dict())))
     assert c2.state_dict() == c.state_dict()
+
+
+def test_controller_holds_lambda_while_the_weights_do_not_move():
+    class Fake:
+        def __init__(self, sq):
+            self.last_sq = sq
+            self.terms = {n: type("T", (), {"ref_sq": 1.0})() for n in sq}
+
+    c = BudgetController(1e-3, lam=10.0, rate=0.2, kp=1.0)
+    w0 = {"a.q_proj.weight": 1e-26, "a.k_proj.weight": 3e-27}  # round-off of W0
+    for _ in range(3):  # W0 measured, then two warm-up steps at lr 0 (or skipped steps): the same ‖A‖² each time
+        assert c.update(Fake(dict(w0))) == 10.0
+    assert c.updates == 3 and c.drift["all"] == pytest.approx(math.sqrt(1.3e-26 / 2))
+    # the first step that moved the weights: far below ε, λ loosens by e^-(rate + kp)
+    assert c.update(Fake({"a.q_proj.weight": 1e-12, "a.k_proj.weight": 1e-12})) == pytest.approx(10 * math.exp(-1.2))
+    # a pass that repeats it exactly (the optimizer skipped that step) leaves λ where it is
+    lam = c.lam["all"]
+    assert c.update(Fake({"a.q_proj.weight": 1e-12, "a.k_proj.weight": 1e-12})) == lam
+    # per type: only the group whose d changed acts
+    t = BudgetController(1e-3, lam=1.0, scope="type")
+    t.update(Fake({"a.q_proj.weight": 1e-6, "a.k_proj.weight": 1e-6}))
+    t.update(Fake({"a.q_proj.weight": 1e-6, "a.k_proj.weight": 4.0}))
+    assert "q_proj" not in t.lam and t.lam["k_proj"] > 1.0
 
 
 @pytest.mark.parametrize("sets, match", [

@@ -117,14 +117,17 @@ class BudgetController:
 
     def update(self, anchor) -> float | dict[str, float]:
         """One controller step from the drift just measured; returns the weight for the next anchor pass."""
-        self.drift = self.measure(anchor)
+        previous, self.drift = self.drift, self.measure(anchor)
         self.total_drift = self.measure(anchor, "all").get("all", 0.0)
         lo, hi = math.log(self.lam_min), math.log(self.lam_max)
         self.updates += 1
         if self.updates == 1:  # the first pass of a run measures W0 itself (d = round-off): nothing to learn yet
             return self.weight(anchor.terms)
         for g, d in self.drift.items():
-            if d <= 0:
+            # d exactly as before: the weights did not move since the last pass (a warm-up step at lr 0, a step
+            # the finite guard skipped). Its d says nothing about λ; acting on it would loosen λ by e^-(rate+kp)
+            # on the round-off d of W0 before training has started.
+            if d <= 0 or (g in previous and math.isclose(d, previous[g], rel_tol=1e-9, abs_tol=0.0)):
                 continue
             e = max(-1.0, min(1.0, math.log(d / self.budget)))  # clipped log error
             # PI in log λ: the integral moves by rate·e (clamped to the bounds: no wind-up), the proportional
