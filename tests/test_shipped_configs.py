@@ -52,8 +52,11 @@ def test_study_budget_extends_the_study_with_three_budgets(monkeypatch):
     study = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study.yaml"))}
     more = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study-budget.yaml"))}
     assert set(study) < set(more)  # every study run is re-used as is (same names, so same stages)
-    budget = [more[n] for n in set(more) - set(study)]
-    assert len(budget) == 3 and {r.family for r in budget} == {"rpsft-budget"}
+    added = [more[n] for n in set(more) - set(study)]
+    budget = [r for r in added if r.family == "rpsft-budget"]
+    assert len(budget) == 3 and len(added) == 4
+    twin, = [r for r in added if r.family == "rpsft-bf16"]  # λ = 10, k = 128 with bf16 frames
+    assert set(twin.overrides) - set(study["rpsft-lam10-k128"].overrides) == {"anchor.frame_dtype=bf16"}
     eps = sorted(float(o.split("=")[1]) for r in budget for o in r.overrides if o.startswith("anchor.budget="))
     assert eps == [5e-5, 1e-4, 2e-4]
     assert load_compare_config(ROOT / "configs" / "study-budget.yaml").output_dir == "results/study"
