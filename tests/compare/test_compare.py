@@ -203,3 +203,25 @@ def test_frontier_of_a_lambda_grid_with_checkpoints_end_to_end(tmp_path, tiny_mo
     assert rows["l2init-lam1000"]["probe_kl"]["delta"] < rows["sft"]["probe_kl"]["delta"]
     assert "## Trade-off frontier" in (out / "table.md").read_text()
     assert [r["run"] for r in summary["rows"] if not r["final"]] == ["sft@2", "l2init-lam0.1@2", "l2init-lam1000@2"]
+
+
+def test_cli_shows_stage_lines_and_training_progress_only(tmp_path, tiny_model_dir, synth_data):
+    from typer.testing import CliRunner
+
+    from rpsft.cli import app
+
+    train_cfg = tmp_path / "train.yaml"
+    train_cfg.write_text(
+        f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {synth_data['train']}, limit: 8, max_length: 96}}\n"
+        "anchor: {rank: 4}\ntrain: {max_steps: 2, batch_size: 4, grad_accum: 1, lr: 1.0e-3, save_steps: 1}\n")
+    out = tmp_path / "out"
+    args = ["compare"]
+    for s in [f"output_dir={out}", f"train_config={train_cfg}", "methods=[{name: sft}]", "sweep=null",
+              f"id={{teacher_forced: {synth_data['test']}, limit: 4}}", "ood={suites: []}", "probe=false",
+              "rotation=false", "drift_limit=0"]:
+        args += ["--set", s]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "train sft done" in res.output and "eval-id-tf sft done" in res.output and "train step 2/2" in res.output
+    for noise in ("Loading weights", "examples/s", "it/s]", "Warning"):
+        assert noise not in res.output, noise

@@ -18,6 +18,7 @@ def test_cli_runs_and_prints_table(tiny_dir, eval_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "aime24" in res.output and "gpqa_test" in res.output and "avg@k" in res.output and "pass@k" in res.output
     assert json.loads((out / "summary.json").read_text())["greedy"] is True
+    assert "Loading weights" not in res.output and "it/s]" not in res.output  # library bars: off (quiet console)
 
 
 def test_cli_loglik(tiny_dir, eval_dir, tmp_path):

@@ -31,7 +31,11 @@ def compare_command(
         console.print(f"{len(runs)} training runs, {len(runs) + sum(len(r.eval_steps) for r in runs) + 1} "
                       "evaluated points (with the base)", highlight=False)
         return
+    from ..quiet import quiet_console
     from .run import run_compare
 
-    run_compare(cfg, log=lambda m: console.print(m, highlight=False))
+    # every run's library output (weights loading, dataset maps, warnings) goes to OUTPUT_DIR/compare.log; the
+    # console keeps the stage lines and each run's own training progress
+    with quiet_console(Path(cfg.output_dir) / "compare.log"):
+        run_compare(cfg, log=lambda m: console.print(m, highlight=False))
     console.print((Path(cfg.output_dir) / "table.md").read_text(), highlight=False)

@@ -3,6 +3,8 @@ runnable alone as ``python -m rpsft.eval.cli``). Imports stay cheap: torch loads
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Optional
 
 import typer
@@ -99,9 +101,11 @@ def eval_command(
     from rich.console import Console
 
     from rpsft.eval.runner import run_eval
+    from rpsft.quiet import quiet_console
 
     console = Console()
-    with progress_bar(console=console) as bar:
+    # library bars ("Loading weights", tokenizer maps) and warnings go to OUT/eval.log; ours is the one bar
+    with quiet_console(Path(out) / "eval.log"), progress_bar(console=console) as bar:
         task = bar.add_task("loading", total=None)
 
         def progress(desc: str, done: int, total: int) -> None:
