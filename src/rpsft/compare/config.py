@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ..config import ConfigError, apply_overrides, load_section, read_config_file
 
-from ..config import ConfigError, apply_overrides, load_section
 
 @dataclass
 class EvalSpec:
@@ -88,15 +87,9 @@ def read_compare_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     replace the parent's, except mapping sections (``id``, ``ood``), which are merged key by key. So a study can
     grow by a file that names the study and restates only what it adds (e.g. one more ``sweep`` entry), and, with
     the same ``output_dir``, re-uses every stage the parent already finished."""
-    if not path.is_file():
-        what = f"compare config {path}" if not chain else f"{chain[-1]}: extends {path}, which"
-        raise ConfigError(f"{what} does not exist (see configs/compare-demo.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"compare config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"compare config {path}: expected a mapping of keys (output_dir, methods, sweep, ...)")
+    if chain and not path.is_file():
+        raise ConfigError(f"{chain[-1]}: extends {path}, which does not exist")
+    data = read_config_file(path, examples="configs/compare-demo.yaml")
     parent = data.pop("extends", None)
     if parent is None:
         return data
