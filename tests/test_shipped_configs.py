@@ -47,16 +47,17 @@ def test_study_plans_the_frontier_grid(monkeypatch):
     assert len({r.seed for r in fam["sft"]}) == 2 and len({r.seed for r in fam["rpsft k=128"]}) == 2
 
 
-def test_study_budget_extends_the_study_with_three_budgets(monkeypatch):
+def test_study_extended_adds_its_runs_and_reuses_the_study(monkeypatch):
     monkeypatch.chdir(ROOT)
     study = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study.yaml"))}
-    more = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study-budget.yaml"))}
+    more = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study-extended.yaml"))}
     assert set(study) < set(more)  # every study run is re-used as is (same names, so same stages)
-    added = [more[n] for n in set(more) - set(study)]
-    budget = [r for r in added if r.family == "rpsft-budget"]
-    assert len(budget) == 3 and len(added) == 4
-    twin, = [r for r in added if r.family == "rpsft-bf16"]  # λ = 10, k = 128 with bf16 frames
-    assert set(twin.overrides) - set(study["rpsft-lam10-k128"].overrides) == {"anchor.frame_dtype=bf16"}
+    added = {n: more[n] for n in set(more) - set(study)}
+    budget = [r for r in added.values() if r.family == "rpsft-budget"]
     eps = sorted(float(o.split("=")[1]) for r in budget for o in r.overrides if o.startswith("anchor.budget="))
     assert eps == [5e-5, 1e-4, 2e-4]
-    assert load_compare_config(ROOT / "configs" / "study-budget.yaml").output_dir == "results/study"
+    twin, = [r for r in added.values() if r.family == "rpsft-bf16"]  # λ = 10, k = 128 with bf16 frames
+    assert set(twin.overrides) - set(study["rpsft-lam10-k128"].overrides) == {"anchor.frame_dtype=bf16"}
+    assert {"l2init-lam0.01", "l2init-lam0.1", "rpsft-lam30-k128"} <= set(added) and len(added) == 7
+    assert more["l2init-lam0.1"].family == "l2init" and more["rpsft-lam30-k128"].family == "rpsft k=128"
+    assert load_compare_config(ROOT / "configs" / "study-extended.yaml").output_dir == "results/study"
