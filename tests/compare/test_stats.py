@@ -149,6 +149,11 @@ def test_curve_gap_reads_the_reference_at_equal_id_gain():
     on = curve_gap(res, "on", sft, n_resamples=1000)
     assert on["verdict"] == "unresolved" and on["lo"] < 0 < on["hi"]
     assert curve_gap(res, "bad", sft, n_resamples=1000)["verdict"] == "inside"
+    # at the curve's last ID gain, about half the resamples fall beyond it: no verdict
+    same_count = np.roll([x["correct"] for x in res["sft"]["id_tf"]["items"]], 7)  # SFT's gain, other items
+    res["edge"] = _result("l2init", 16, same_count, [0.01] * 120)
+    edge = curve_gap(res, "edge", sft, n_resamples=500)
+    assert edge["verdict"] == "edge" and 0.05 < edge["beyond"] < 0.95 and edge["delta"] is not None
     far = curve_gap(res, "far", sft, n_resamples=500)
     assert far["verdict"] == "beyond" and far["delta"] is None and far["beyond"] == 1.0
     # the Δ NLL measure (2·KL here) gives twice the gap

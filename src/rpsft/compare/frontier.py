@@ -108,6 +108,7 @@ def frontier_points(results: dict[str, dict], forgetting: str = "probe_kl", n_re
 
 
 # ------------------------------------------------------------------------------- gap to a reference curve
+EDGE_SHARE = 0.05  # more resamples than this beyond the curve's end: the gap gets no verdict
 
 
 def reference_curves(rows: list[dict]) -> dict[str, list[str]]:
@@ -140,7 +141,9 @@ def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int
     every model (paired), and the whole curve is recomputed in each resample, so the interval carries the
     curve's own uncertainty too. ``which``: 0 probe KL, 1 Δ NLL of the base's answers. Resamples in which the
     point learns more than every curve point cannot be read (no extrapolation); their share is ``beyond``, and
-    the interval covers the others. Returns None without ID items or probe data.
+    the interval covers the others. ``verdict``: outside (interval below 0), inside (above 0), unresolved (holds
+    0), beyond (the point estimate itself is past the curve's end) or edge (over 5 % of resamples are).
+    Returns None without ID items or probe data.
     """
     names = [*curve, point]
     ids = [id_items(results[n]) for n in names]
@@ -175,9 +178,12 @@ def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int
     alpha = (1 - confidence) / 2
     lo, hi = (float(np.quantile(ok, alpha)), float(np.quantile(ok, 1 - alpha))) if ok.size else (None, None)
     d = None if np.isnan(est[0]) else float(est[0])
-    verdict = ("beyond" if d is None else "outside" if hi is not None and hi < 0 else
-               "inside" if lo is not None and lo > 0 else "unresolved")
-    return {"delta": d, "lo": lo, "hi": hi, "beyond": float(np.isnan(boot).mean()), "n_id": len(id_keys),
+    beyond = float(np.isnan(boot).mean())
+    # A point near the curve's last point falls beyond it in many resamples; the interval over the others is then
+    # conditional on the point learning less than the curve's end and says nothing reliable: no verdict ("edge").
+    verdict = ("beyond" if d is None else "edge" if beyond > EDGE_SHARE else "outside" if hi < 0 else
+               "inside" if lo > 0 else "unresolved")
+    return {"delta": d, "lo": lo, "hi": hi, "beyond": beyond, "n_id": len(id_keys),
             "n_probe": len(pr_keys), "curve": curve, "verdict": verdict}
 
 
@@ -262,7 +268,8 @@ def render_curve_gaps(rows: list[dict], forgetting: str) -> str:
              "(piecewise linear through the curve's points from the base; SFT's curve is its checkpoints, the others "
              "their grid's final points, first seed). outside: less forgetting at equal ID gain, 95 % interval "
              "below 0; inside: more, interval above 0; unresolved: the interval holds 0; beyond: the point learns "
-             "more than every point of the curve, where it cannot be read (share of bootstrap resamples given).", "",
+             "more than every point of the curve, where it cannot be read; edge: it does so in over 5 % of the "
+             "bootstrap resamples (share given), so the interval is not trusted and there is no verdict.", "",
              "| point | " + " | ".join(f"vs {f}" for f in fams) + " |", "|" + "---|" * (len(fams) + 1)]
     for r in sorted(rows, key=lambda r: (str(r["family"]), r["step"] or 0, r["seed"] or 0)):
         vs = r.get("vs_curves")
