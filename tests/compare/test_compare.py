@@ -59,6 +59,16 @@ def test_extends_merges_the_parent_config(tmp_path, monkeypatch):
         load_compare_config(tmp_path / "c.yaml")
 
 
+def test_pairs_name_points_of_the_plan(tmp_path, tiny_model_dir, synth_data):
+    with pytest.raises(ConfigError, match="pairs: every entry is two point names"):
+        make_cfg(tmp_path, tiny_model_dir, synth_data, "pairs=[[sft]]")
+    cfg = make_cfg(tmp_path, tiny_model_dir, synth_data, "pairs=[[rpsft-k2, sfft]]")
+    with pytest.raises(ConfigError, match="pairs: 'sfft' is not a point of this comparison; the points are base, "
+                                          "rpsft, rpsft-k2, rpsft-k4, sft"):
+        run_compare(cfg, log=lambda m: None)
+    assert not (tmp_path / "out" / "runs").exists()  # refused before anything trained
+
+
 def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, monkeypatch):
     monkeypatch.setenv("RPSFT_SYNTH_DIR", str(synth_data["test"].parent))
     cfg = make_cfg(tmp_path, tiny_model_dir, synth_data)

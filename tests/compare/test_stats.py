@@ -133,6 +133,18 @@ def _curve_results(n=200, m=120):
     return res
 
 
+def mean_kl_of(res, name):
+    from rpsft.compare.frontier import probe_items
+
+    return np.mean([v[0] for v in probe_items(res[name]).values()])
+
+
+def gain_of(res, name):
+    from rpsft.compare.frontier import id_items
+
+    return np.mean(list(id_items(res[name]).values()))
+
+
 def test_curve_gap_reads_the_reference_at_equal_id_gain():
     from rpsft.compare.frontier import curve_gap, id_items, probe_items
 
@@ -156,6 +168,10 @@ def test_curve_gap_reads_the_reference_at_equal_id_gain():
     assert edge["verdict"] == "edge" and 0.05 < edge["beyond"] < 0.95 and edge["delta"] is not None
     far = curve_gap(res, "far", sft, n_resamples=500)
     assert far["verdict"] == "beyond" and far["delta"] is None and far["beyond"] == 1.0
+    # a dominated curve point is passed over: l2init's "bad" (gain 0.25, KL 0.09) lies above the line from the
+    # base to "far" (gain 0.9, KL 0.01), which is the family's front
+    l2 = curve_gap(res, "good", ["base", "bad", "far"], n_resamples=200)
+    assert l2["delta"] == pytest.approx(mean_kl["good"] - mean_kl_of(res, "far") * gain["good"] / gain_of(res, "far"))
     # the Δ NLL measure (2·KL here) gives twice the gap
     assert curve_gap(res, "good", sft, which=1, n_resamples=200)["delta"] == pytest.approx(2 * g["delta"])
     # a point identical to a curve point sits on the curve: zero gap
@@ -181,3 +197,19 @@ def test_curve_gaps_in_the_frontier_table():
     rows_ood = frontier_points(res, "ood_drop", 100)
     add_curve_gaps(rows_ood, res, "ood_drop", 100)
     assert all("vs_curves" not in r for r in rows_ood)
+
+
+def test_pair_deltas_are_paired_differences_of_both_measures():
+    from rpsft.compare.frontier import pair_deltas, render_pairs
+
+    res = _curve_results()
+    rows = pair_deltas(res, [["good", "sft@8"], ["sft", "base"], ["good", "good"]], 500)
+    good_vs_8, sft_vs_base, same = rows
+    assert good_vs_8["id"]["delta"] == pytest.approx(gain_of(res, "good") - gain_of(res, "sft@8"))
+    assert good_vs_8["probe_kl"]["delta"] == pytest.approx(mean_kl_of(res, "good") - mean_kl_of(res, "sft@8"))
+    assert good_vs_8["probe_kl"]["hi"] < 0 and good_vs_8["probe_nll_delta"]["delta"] == pytest.approx(
+        2 * good_vs_8["probe_kl"]["delta"])
+    assert sft_vs_base["probe_kl"]["delta"] == pytest.approx(mean_kl_of(res, "sft"))  # the base forgets nothing
+    assert same["id"] == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "n": 200}
+    assert "## Paired differences" in render_pairs(rows) and "| good | sft@8 |" in render_pairs(rows)
+    assert render_pairs([]) == ""

@@ -37,6 +37,7 @@ class CompareConfig:
     sweep: Any = None
     eval_steps: list[int] = field(default_factory=list)  # also evaluate each run at these optimizer steps
     forgetting: str = "probe_kl"  # the frontier's y axis: probe_kl | probe_nll_delta | ood_drop
+    pairs: list = field(default_factory=list)  # [[point, point], ...]: paired differences reported side by side
     bootstrap: int = 2000  # resamples per paired bootstrap interval
     probe_prompts: str | None = None  # a JSONL of {"prompt"} rows instead of the shipped probe set
     probe_max_new_tokens: int = 64  # length of the base's answers the probe scores (its cost is linear in it)
@@ -77,6 +78,9 @@ def load_compare_config(path: str | Path | None, overrides: list[str] | None = N
             step_list(m["eval_steps"], f"eval_steps of {m.get('name', m.get('method'))}")
     if cfg.forgetting not in FORGETTING:
         raise ConfigError(f"forgetting: {cfg.forgetting!r} is not a measure; use one of {', '.join(FORGETTING)}")
+    for pair in cfg.pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ConfigError(f"pairs: every entry is two point names, e.g. [rpsft-lam10-k128, sft]; got {pair!r}")
     if cfg.bootstrap < 100:
         raise ConfigError(f"bootstrap: {cfg.bootstrap} resamples is too few for a 95 % interval; use >= 1000")
     return cfg

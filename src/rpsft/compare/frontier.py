@@ -134,8 +134,9 @@ def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int
               n_resamples: int = 2000, confidence: float = 0.95) -> dict | None:
     """Forgetting of ``point`` minus the forgetting of ``curve`` at the same ID gain, with a bootstrap interval.
 
-    The curve is the piecewise-linear path through its points' (ID gain, forgetting) sorted by ID gain (the base
-    is its origin); read at the point's ID gain it is the forgetting the reference pays for that much learning.
+    The curve is the piecewise-linear path through the Pareto-optimal ones of its points (ID gain, forgetting),
+    sorted by ID gain (the base is its origin); read at the point's ID gain it is the least forgetting the
+    reference family was seen to pay for that much learning.
     A negative gap whose interval excludes 0 is "less forgetting at equal ID gain": the point lies outside the
     curve. ID items and probe prompts are two item sets, resampled independently, each with the same indices for
     every model (paired), and the whole curve is recomputed in each resample, so the interval carries the
@@ -164,8 +165,10 @@ def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int
         y = (Y[pr_idx] * w).sum(axis=1) / w.sum(axis=1)
         out = np.full(len(gain), np.nan)
         for b in range(len(gain)):
-            order = np.argsort(gain[b, :-1], kind="stable")
-            xs, ys = gain[b, :-1][order], y[b, :-1][order]
+            # the curve's own Pareto points: a dominated one (a λ too weak to learn more, a checkpoint that forgot
+            # more and learned less) is not what the family can do at that ID gain
+            front = pareto_front(list(zip(gain[b, :-1], y[b, :-1])))
+            xs, ys = gain[b, front], y[b, front]
             if gain[b, -1] <= xs[-1]:
                 out[b] = y[b, -1] - np.interp(gain[b, -1], xs, ys)
         return out, gain[:, -1]
@@ -200,6 +203,39 @@ def add_curve_gaps(rows: list[dict], results: dict[str, dict], forgetting: str, 
         gaps = {fam: curve_gap(results, r["point"], pts, which, seed=i, n_resamples=n_resamples)
                 for fam, pts in curves.items() if r["point"] not in pts}
         r["vs_curves"] = {fam: g for fam, g in gaps.items() if g is not None}
+
+
+def pair_deltas(results: dict[str, dict], pairs: list, n_resamples: int = 2000) -> list[dict]:
+    """``pairs: [[a, b], ...]`` of the compare config: a − b in ID score, probe KL and Δ NLL, each with its
+    paired bootstrap interval over the items both were scored on (a direct head-to-head, e.g. the best point of
+    one family against the best of another)."""
+    out = []
+    for i, (a, b) in enumerate(pairs):
+        ra, rb = results.get(a), results.get(b)
+        if ra is None or rb is None:
+            continue
+        pa, pb = probe_items(ra), probe_items(rb)
+        if not pa and not pb:  # neither has a probe (the base has none: its forgetting is 0 by definition)
+            kl = nll = None
+        else:
+            zero = {k: (0.0, 0.0, v[2]) for k, v in (pa or pb).items()}
+            pa, pb = pa or zero, pb or zero
+            kl, nll = _probe_delta(pa, pb, 0, i, n_resamples), _probe_delta(pa, pb, 1, i, n_resamples)
+        out.append({"a": a, "b": b, "id": _delta(id_items(ra), id_items(rb), i, n_resamples), "probe_kl": kl,
+                    "probe_nll_delta": nll})
+    return out
+
+
+def render_pairs(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "## Paired differences", "", "| a | b | ID a − b (pts) | probe KL a − b | Δ NLL a − b |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['a']} | {r['b']} | {_ci(r['id'], True)} | {_ci(r['probe_kl'])} | "
+                     f"{_ci(r['probe_nll_delta'])} |")
+    lines += ["", "Each cell: a − b [paired bootstrap 95 % interval over the items both models were scored on]."]
+    return "\n".join(lines) + "\n"
 
 
 def _first_seed(results: dict, family: str):
@@ -265,9 +301,9 @@ def render_curve_gaps(rows: list[dict], forgetting: str) -> str:
         return ""
     lines = ["", "## Against the reference curves", "",
              f"Gap = the point's {FORGETTING_LABEL[forgetting]} minus the curve's at the same ID gain "
-             "(piecewise linear through the curve's points from the base; SFT's curve is its checkpoints, the others "
-             "their grid's final points, first seed). outside: less forgetting at equal ID gain, 95 % interval "
-             "below 0; inside: more, interval above 0; unresolved: the interval holds 0; beyond: the point learns "
+             "(piecewise linear through the Pareto-optimal points of the family, from the base; SFT's are its "
+             "checkpoints, the others their grid's final points, first seed; recomputed in every resample). "
+             "outside: less forgetting at equal ID gain, 95 % interval below 0; inside: more, interval above 0; unresolved: the interval holds 0; beyond: the point learns "
              "more than every point of the curve, where it cannot be read; edge: it does so in over 5 % of the "
              "bootstrap resamples (share given), so the interval is not trusted and there is no verdict.", "",
              "| point | " + " | ".join(f"vs {f}" for f in fams) + " |", "|" + "---|" * (len(fams) + 1)]
