@@ -323,7 +323,7 @@ def plot_frontier(rows: list[dict], forgetting: str, path: str | Path) -> None:
     if not pts:
         return
     scale = 100.0 if forgetting == "ood_drop" else 1.0
-    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.5))
     cmap = plt.get_cmap("tab10")
     families = list(dict.fromkeys(r["family"] for r in pts))
     X = lambda r: 100 * r["id_gain"]["delta"]  # noqa: E731
@@ -373,7 +373,7 @@ def plot_frontier(rows: list[dict], forgetting: str, path: str | Path) -> None:
     ax.set_ylabel(f"{FORGETTING_LABEL[forgetting]}  ↑  forgets more")
     ax.set_title("Trade-off frontier (95 % paired bootstrap intervals; circled: Pareto-optimal)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
     fig.tight_layout()
     save_png(fig, path)
 
