@@ -333,6 +333,14 @@ def validate(cfg: Config) -> None:
     check_values(cfg)  # finiteness, ranges, non-empty paths and targets, rank syntax: before anything loads
 
 
+def nan_policy_checks(t: BaseTrainConfig) -> list[tuple[bool, str]]:
+    """The `(ok, message)` checks of the finite guard's fields of a ``train:`` section (train, rl)."""
+    return [
+        (t.nan_policy in ("stop", "skip"), f"train.nan_policy must be stop or skip, got {t.nan_policy!r}"),
+        (t.nan_max_skips >= 0, f"train.nan_max_skips must be >= 0, got {t.nan_max_skips}"),
+    ]
+
+
 def anchor_checks(a: AnchorConfig) -> list[tuple[bool, str]]:
     """The `(ok, message)` checks of an ``anchor:`` section, shared by every config that has one (train, rl)."""
     return [

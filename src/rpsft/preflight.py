@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, raise_first_failed
+from .config import Config, ConfigError, nan_policy_checks, raise_first_failed
 
 
 def _finite(x: Any) -> bool:
@@ -43,8 +43,7 @@ def check_values(cfg: Config) -> None:
          f"train.save_total_limit must be >= 1 or null (keep all), got {t.save_total_limit}"),
         (t.max_steps == -1 or t.max_steps >= 1, f"train.max_steps must be >= 1 (or -1: use train.epochs), got "
                                                 f"{t.max_steps}"),
-        (t.nan_policy in ("stop", "skip"), f"train.nan_policy must be stop or skip, got {t.nan_policy!r}"),
-        (t.nan_max_skips >= 0, f"train.nan_max_skips must be >= 0, got {t.nan_max_skips}"),
+        *nan_policy_checks(t),
         (d.limit is None or d.limit >= 1, f"data.limit must be >= 1 (first N rows) or null (all rows), got {d.limit}"),
         (bool(str(cfg.output_dir).strip()), "output_dir is empty; give the directory the run is written to"),
         (bool(str(d.train).strip()), "data.train is empty; give a JSONL/JSON file or a hub dataset name"),

@@ -165,14 +165,18 @@ def anchor_elements(curves: list[EnergyCurve], ranks: dict[str, int]) -> int:
     return sum((c.shape[0] + c.shape[1] + 1) * min(ranks[c.name], c.R) for c in curves)
 
 
+def check_match_rank(rank: int) -> None:
+    if rank < 1:
+        raise ValueError(f"--match-rank {rank}: give the uniform k whose anchor memory the map should match (>= 1)")
+
+
 def target_matching_rank(curves: list[EnergyCurve], rank: int, iters: int = 60) -> float:
     """The largest energy-share target whose rank map stores no more than a uniform ``rank`` anchor does.
 
     Comparing a rank map with uniform k at *equal anchor memory* needs one common target t*: the map's size
     Σ (m+n+1)·k_i(t) is non-decreasing in t (each k_i(t) = smallest r with y_i(r) >= t), so bisection finds t*.
     """
-    if rank < 1:
-        raise ValueError(f"--match-rank {rank}: give the uniform k whose anchor memory the map should match (>= 1)")
+    check_match_rank(rank)
     budget = anchor_elements(curves, {c.name: rank for c in curves})
     lo, hi = 0.0, 1.0
     if anchor_elements(curves, rank_map(curves, hi)) <= budget:
@@ -197,8 +201,8 @@ def run_energy(model_name: str, data: str, targets=None, layers=None, limit: int
 
     if not 0.0 < target <= 1.0:
         raise ValueError(f"--target {target}: the energy share target must lie in (0, 1] (paper: 0.20)")
-    if match_rank is not None and match_rank < 1:
-        raise ValueError(f"--match-rank {match_rank}: give the uniform k whose anchor memory the map should match (>= 1)")
+    if match_rank is not None:
+        check_match_rank(match_rank)  # before the model loads
     t0 = time.time()
     model, tok = load_model(model_name)
     params = select_matrices(model, targets, layers)

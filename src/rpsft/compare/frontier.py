@@ -157,7 +157,7 @@ def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int
     Y = np.array([[0.0] + [d[k][which] for d in probes] for k in pr_keys])
     W = np.array([probes[0][k][2] for k in pr_keys], dtype=np.float64)
 
-    def gaps(id_idx: np.ndarray, pr_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def gaps(id_idx: np.ndarray, pr_idx: np.ndarray) -> np.ndarray:
         """Per resample (rows of the index arrays): the gap, NaN where the point is beyond the curve."""
         gain = ID[id_idx].mean(axis=1)  # B × models
         gain = gain - gain[:, :1]
@@ -171,12 +171,12 @@ def curve_gap(results: dict[str, dict], point: str, curve: list[str], which: int
             xs, ys = gain[b, front], y[b, front]
             if gain[b, -1] <= xs[-1]:
                 out[b] = y[b, -1] - np.interp(gain[b, -1], xs, ys)
-        return out, gain[:, -1]
+        return out
 
-    est, _ = gaps(np.arange(len(id_keys))[None], np.arange(len(pr_keys))[None])
+    est = gaps(np.arange(len(id_keys))[None], np.arange(len(pr_keys))[None])
     rng = np.random.default_rng(seed)
-    boot, _ = gaps(rng.integers(0, len(id_keys), (n_resamples, len(id_keys))),
-                   rng.integers(0, len(pr_keys), (n_resamples, len(pr_keys))))
+    boot = gaps(rng.integers(0, len(id_keys), (n_resamples, len(id_keys))),
+                rng.integers(0, len(pr_keys), (n_resamples, len(pr_keys))))
     ok = boot[~np.isnan(boot)]
     alpha = (1 - confidence) / 2
     lo, hi = (float(np.quantile(ok, alpha)), float(np.quantile(ok, 1 - alpha))) if ok.size else (None, None)
@@ -303,9 +303,10 @@ def render_curve_gaps(rows: list[dict], forgetting: str) -> str:
              f"Gap = the point's {FORGETTING_LABEL[forgetting]} minus the curve's at the same ID gain "
              "(piecewise linear through the Pareto-optimal points of the family, from the base; SFT's are its "
              "checkpoints, the others their grid's final points, first seed; recomputed in every resample). "
-             "outside: less forgetting at equal ID gain, 95 % interval below 0; inside: more, interval above 0; unresolved: the interval holds 0; beyond: the point learns "
-             "more than every point of the curve, where it cannot be read; edge: it does so in over 5 % of the "
-             "bootstrap resamples (share given), so the interval is not trusted and there is no verdict.", "",
+             "outside: less forgetting at equal ID gain, 95 % interval below 0; inside: more, interval above 0; "
+             "unresolved: the interval holds 0; beyond: the point learns more than every point of the curve, "
+             "where it cannot be read; edge: it does so in over 5 % of the bootstrap resamples (share given), so "
+             "the interval is not trusted and there is no verdict.", "",
              "| point | " + " | ".join(f"vs {f}" for f in fams) + " |", "|" + "---|" * (len(fams) + 1)]
     for r in sorted(rows, key=lambda r: (str(r["family"]), r["step"] or 0, r["seed"] or 0)):
         vs = r.get("vs_curves")

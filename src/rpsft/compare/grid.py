@@ -23,6 +23,11 @@ class Run:
     seed: int | None = None
 
 
+def point_name(run: str, step: int) -> str:
+    """The name of a run's checkpoint evaluated at ``step`` (``sft@8``)."""
+    return f"{run}@{step}"
+
+
 def plan_runs(cfg: CompareConfig) -> list[Run]:
     """One run per method, plus one per swept k; runs with identical resolved configs are trained once."""
     import itertools

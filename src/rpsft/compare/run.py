@@ -20,7 +20,7 @@ from .. import fileio
 from ..config import ConfigError, load_config, to_dict
 from .config import CompareConfig, sweep_axes
 from .frontier import pair_deltas, render_frontier, render_pairs, write_frontier
-from .grid import plan_runs, train_config_of
+from .grid import plan_runs, point_name, train_config_of
 from .report import build_summary, config_dict, plot_rank_sweep, plot_tradeoff, render_table
 from .stages import (SavePoints, eval_model_path, eval_stage, probe_stage, run_stage, stored, teacher_forced_data,
                      teacher_forced_stage)
@@ -45,7 +45,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
             teacher_forced_data(cfg.id.teacher_forced, cfg.eval_dir)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"id.teacher_forced: {e}") from None
-    planned = {"base", *[n for r in runs for n in (r.name, *r.aliases, *[f"{r.name}@{s}" for s in r.eval_steps])]}
+    planned = {"base", *[n for r in runs for n in (r.name, *r.aliases, *[point_name(r.name, s) for s in r.eval_steps])]}
     for a, b in cfg.pairs:  # a typo in a point name fails now, not after hours of training
         for name in (a, b):
             if name not in planned:
@@ -86,7 +86,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
         for s in steps:
             point = run_dir / "points" / f"step-{s}"
             if s < tr["global_step"] and point.is_dir():
-                name = f"{r.name}@{s}"
+                name = point_name(r.name, s)
                 results[name] = {**common, "step": s, "final": False}
                 points[name] = str(point)
                 run_keys[name] = key
@@ -147,8 +147,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
     summary["frontier"] = write_frontier(root, results, cfg.forgetting, cfg.bootstrap)
     summary["pairs"] = pair_deltas(results, cfg.pairs, cfg.bootstrap)
     fileio.write_json(root / "summary.json", summary)
-    fileio.write_text(root / "table.md", render_table(summary) + "\n" + render_frontier(summary["frontier"], cfg.forgetting)
-                      + render_pairs(summary["pairs"]))
+    fileio.write_text(root / "table.md", render_table(summary) + "\n"
+                      + render_frontier(summary["frontier"], cfg.forgetting) + render_pairs(summary["pairs"]))
     finals = {**summary, "rows": [r for r in summary["rows"] if r.get("final", True)]}
     plot_tradeoff(finals, root / "tradeoff.png")
     for sw in cfg.sweep:

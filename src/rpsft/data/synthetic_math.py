@@ -1,6 +1,7 @@
 """The project's own offline data: multi-step arithmetic word problems with worked solutions.
 
-Each problem is a short story of 2-4 quantity changes (``ops``: any range within 1-8) (buy, give away, share equally, multiply into boxes, ...).
+Each problem is a short story of quantity changes (buy, give away, share equally, multiply into boxes, ...): 2-4 by
+default, any range within 1-8 with ``ops``.
 The solution walks through every step with its arithmetic and ends in ``\\boxed{N}``, the format the math judge
 reads. Generation is deterministic in ``seed``; train and test never share a question.
 """

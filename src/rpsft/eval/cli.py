@@ -4,7 +4,6 @@ runnable alone as ``python -m rpsft.eval.cli``). Imports stay cheap: torch loads
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import Optional
 
 import typer

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import (AnchorConfig, BaseTrainConfig, anchor_checks, apply_overrides, load_section,
+from ..config import (AnchorConfig, BaseTrainConfig, anchor_checks, apply_overrides, load_section, nan_policy_checks,
                       raise_first_failed, read_config_file)
 
 
@@ -139,8 +139,7 @@ def validate_rl(cfg: RLConfig) -> None:
         (d.num_iterations >= 1, f"dapo.num_iterations must be >= 1, got {d.num_iterations}"),
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
-        (t.nan_policy in ("stop", "skip"), f"train.nan_policy must be stop or skip, got {t.nan_policy!r}"),
-        (t.nan_max_skips >= 0, f"train.nan_max_skips must be >= 0, got {t.nan_max_skips}"),
+        *nan_policy_checks(t),
         (cfg.data.system_prompt in ("auto", "boxed", "file", "none"),
          f"data.system_prompt must be auto, boxed, file or none, got {cfg.data.system_prompt!r}"),
         *anchor_checks(cfg.anchor),
