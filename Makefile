@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 RPSFT   := $(VENV)/bin/rpsft
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast data bench clean
+.PHONY: install demo test test-fast test-launch data bench clean
 
 install: $(VENV)/.installed
 
@@ -49,11 +49,30 @@ data: data/synth-math/train.jsonl
 demo: install data
 	$(RPSFT) train --config configs/demo.yaml --overwrite
 
+# `make test` first runs the tests marked `numerics` (floating-point thresholds) under BLAS code paths and thread
+# counts the full run does not use, so a threshold that holds on one CPU only fails here, not on a user's machine:
+#  - an AVX2-only CPU (MKL, oneDNN and ATen's own kernels capped at AVX2) on 2 threads;
+#  - MKL's COMPATIBLE code path on 1 thread. MKL honours MKL_ENABLE_INSTRUCTIONS on Intel CPUs only (on AMD its
+#    results are bit-identical with or without it), while MKL_CBWR=COMPATIBLE changes MKL's kernels on any x86 CPU.
+# The full suite runs last, on the default kernels and 1 thread (tests/conftest.py), so make's last line is its
+# summary; the first failing run stops the target.
+AVX2_ONLY     = MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+NUMERICS_RUNS = "$(AVX2_ONLY) OMP_NUM_THREADS=2 RPSFT_TEST_THREADS=2" \
+                "MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1 RPSFT_TEST_THREADS=1"
+
 test: install
+	@set -e; for run in $(NUMERICS_RUNS); do \
+		echo "numerics tests under $$run"; env $$run $(PY) -m pytest -q -m numerics $(PYTEST_ARGS); done
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Every cell of the launch matrix (tests/launch: each method x one process, DDP and FSDP2 on 2 CPU processes, rl,
+# eval, compare): 71 launches, about 12 min on 2 cores. `make test` runs those of rpsft, lora, rpsft_lora, rl, eval
+# and compare (31 launches, about 4.5 min) and skips the cells marked launch_full.
+test-launch: install
+	RPSFT_LAUNCH_FULL=1 $(PY) -m pytest -q tests/launch $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/overhead.py

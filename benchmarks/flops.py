@@ -7,8 +7,9 @@ Per anchored m×n matrix and optimizer step (period s = 1), with k < min(m, n):
     storage   U_k, σ_k, V_k                 (m + n + 1)·k numbers (fp32: ×4 bytes)
               lean frames (bf16/fp16)       (m + n)·k·2 + k·4 + k²·2 bytes (U_l, V_l; σ_k fp32, A_ref off-diagonal fp16)
 
-with k clipped to min(m, n) (Eq. 3 at full rank of a non-square matrix keeps its bases), and for a square matrix at
-k ≥ n (R = ‖W − W0‖², the same value): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
+with k clipped to min(m, n), and for a matrix whose k reaches min(m, n) the paper's R = ‖W − W0‖² (App. C.2, Eq. 11;
+``anchor.full_rank=l2``, the default; with ``--full-rank eq3`` only a square one, where Eq. 3 has the same value, and
+a non-square one keeps its full-rank bases): ≈ 3·m·n FLOP and an fp32 copy of W0 (m·n·4 bytes). A training step
 on T tokens costs ≈ 6·N·T FLOP (N = parameters that take part in matmuls: all but the input embedding table) plus
 causal attention, 6·L·seq·d_attn FLOP per token (QKᵀ and PV, forward + backward, halved by the causal mask).
 
@@ -18,7 +19,8 @@ tensor-core peak × MFU and the anchor at its own arithmetic (IEEE fp32 on CUDA 
 the per-GPU step shrinks with the number of ranks, so the anchor must shrink with it (row-sharded anchor,
 docs/math.md §10); if every rank computed every matrix the time ratio would be multiplied by the number of ranks.
 
-    python benchmarks/flops.py [--rank 768] [--global-batch 16] [--seq-len 4096] [--period 1] [--out FILE]
+    python benchmarks/flops.py [--rank 768] [--global-batch 16] [--seq-len 4096] [--period 1] [--full-rank l2|eq3]
+                               [--out FILE]
 """
 
 from __future__ import annotations
@@ -50,15 +52,16 @@ def projections(hidden: int, inter: int, heads: int, kv: int, hd: int) -> dict[s
             "down_proj": (hidden, inter)}
 
 
-def anchor_cost(m: int, n: int, k: int) -> tuple[float, float, bool]:
-    """(FLOP per step, bytes in fp32, full_rank) for one m×n matrix at requested rank k."""
-    if k >= min(m, n) and m == n:
+def anchor_cost(m: int, n: int, k: int, full_rank: str = "l2") -> tuple[float, float, bool]:
+    """(FLOP per step, bytes in fp32, W0 kept) for one m×n matrix at requested rank k (rpsft.anchor.block_is_whole)."""
+    if k >= min(m, n) and (full_rank == "l2" or m == n):
         return 3.0 * m * n, 4.0 * m * n, True
     k = min(k, m, n)
     return 4.0 * m * n * k + 4.0 * k * k * min(m, n), 4.0 * (m + n + 1) * k, False
 
 
-def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: float) -> dict:
+def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: float,
+                  full_rank: str = "l2") -> dict:
     hidden, inter, layers, heads, kv, hd, vocab, tied = SHAPES[name]
     mats = projections(hidden, inter, heads, kv, hd)
     per_layer_params = sum(m * n for m, n in mats.values()) + 2 * hidden  # + RMSNorm weights
@@ -69,7 +72,7 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
     a_flop = a_bytes = a_lean = 0.0
     full, low = [], []
     for t, (m, n) in mats.items():
-        f, b, is_full = anchor_cost(m, n, k)
+        f, b, is_full = anchor_cost(m, n, k, full_rank)
         a_flop += layers * f
         a_bytes += layers * b
         kk = min(k, m, n)
@@ -80,7 +83,8 @@ def model_numbers(name: str, k: int, tokens: float, seq: int, period: int, mfu: 
     t_step = total_step / (mfu * PEAK["bf16_tc"] * 1e12)
     times = {arith: a_flop / (eff * 1e12) for arith, (eff, _) in ANCHOR_ARITH.items()}
     return {"model": name, "params_total": n_total, "params_matmul": n_matmul, "k": k, "tokens_per_step": tokens,
-            "seq_len": seq, "period": period, "anchored_matrices": 7 * layers, "full_rank_types": full,
+            "seq_len": seq, "period": period, "full_rank": full_rank, "anchored_matrices": 7 * layers,
+            "full_rank_types": full,
             "low_rank_types": low, "anchor_flop": a_flop, "step_flop_6NT": step_flop, "attention_flop": attn_flop,
             "flop_ratio_6NT": a_flop / step_flop, "flop_ratio_with_attention": a_flop / total_step,
             "anchor_bytes": a_bytes, "anchor_bytes_lean_frames": a_lean, "param_bytes_bf16": 2.0 * n_total,
@@ -96,18 +100,20 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=4096, help="mean tokens per sequence (packed / unpadded)")
     ap.add_argument("--period", type=int, default=1, help="apply the anchor every s optimizer steps")
+    ap.add_argument("--full-rank", choices=("l2", "eq3"), default="l2",
+                    help="term of a matrix whose k reaches min(m, n): l2 = ‖W − W0‖² (the paper, default) | eq3")
     ap.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the training step")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     tokens = args.global_batch * args.seq_len
-    rows = [model_numbers(m.strip(), args.rank, tokens, args.seq_len, args.period, args.mfu)
+    rows = [model_numbers(m.strip(), args.rank, tokens, args.seq_len, args.period, args.mfu, args.full_rank)
             for m in args.models.split(",") if m.strip()]
     print(f"k={args.rank}, period s={args.period}, tokens/step T = {args.global_batch} × {args.seq_len} = {tokens}; "
           f"step at {args.mfu:.0%} of {PEAK['bf16_tc']:.0f} TFLOP/s bf16; anchor arithmetic at 70% of its peak")
     for r in rows:
         print(f"\n{r['model']}: {r['params_total'] / 1e9:.2f} B params, {r['anchored_matrices']} anchored matrices "
-              f"(W0 kept, square at full rank: {', '.join(r['full_rank_types']) or 'none'})")
+              f"(W0 kept, at full rank: {', '.join(r['full_rank_types']) or 'none'})")
         print(f"  anchor     {r['anchor_flop'] / 1e12:8.2f} TFLOP/step   memory {r['anchor_bytes'] / 2**30:6.2f} GiB fp32 "
               f"(weights {r['param_bytes_bf16'] / 2**30:.1f} GiB bf16; fp32 W0 copy of these matrices "
               f"{r['w0_copy_bytes_fp32'] / 2**30:.1f} GiB)")
@@ -122,7 +128,8 @@ def main() -> None:
         need = {a: max(1, math.ceil(v * args.period / 0.02)) for a, v in r["h100_time_ratio_est"].items()}
         r["period_for_2pct"] = need
         print("  period s for <= 2 % (H100 estimate): " + "; ".join(f"{a}: s={v}" for a, v in need.items()))
-    print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where a square matrix is at full rank")
+    print("\nmemory per matrix: (m + n + 1)·k·4 bytes (fp32 U_k, σ_k, V_k); m·n·4 bytes (W0) where k reaches min(m, n)"
+          + (" on a square matrix (--full-rank eq3)" if args.full_rank == "eq3" else ""))
     print("under r-way sharding (FSDP2, row-sharded anchor) anchor FLOP and memory per GPU divide by r, like the step")
     if args.out:
         from rpsft.fileio import write_json

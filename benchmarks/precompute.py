@@ -3,7 +3,7 @@
 For each selected matrix (default: the seven projections of every layer of SmolLM2 — 210 matrices;
 the embedded checkpoint, de-quantised from the Q4_1 GGUF: docs/eval.md) and each k
 (default 128 and 384, clipped to min(m, n); a k equal to min(m, n) cuts no spectrum, so it is skipped here —
-training still computes and caches those bases for non-square matrices, where Eq. 3 at full rank needs them):
+with anchor.full_rank=eq3 training still computes and caches those bases for non-square matrices):
 
 * wall time of ``rpsft.bases.solve_bases`` (compute_bases without its niter guard) with solver exact, gram and randomized at niter 2, 4, 8, 16
   (solvers interleaved per matrix, in a rotating order, so a noisy machine slows all of them alike);

@@ -134,3 +134,26 @@ def autograd_vs_closed_form(anchor, model) -> tuple[float, float, dict[str, floa
     params = dict(model.named_parameters())
     rel = {n: float((params[n].grad - g).norm() / g.norm()) for n, g in auto.items()}
     return float(R.item()), r, rel
+
+
+def sharded_terms_match(anchor, ref, model, ref_model, rel_r: float, weight: float = 0.5):
+    """Apply ``anchor`` to the FSDP2-sharded ``model`` and ``ref`` to the whole ``ref_model`` (same ΔW), check R and
+    every gradient row shard against the unsharded ones, and give ``(name, local rows, term)`` for the caller's own
+    checks of what each rank keeps. ``rel_r``: R's allowed relative difference (fp32 round-off of a different
+    summation order; gradients: 1e-5). Returns ``(R sharded, R unsharded, [(name, local rows, term), ...])``."""
+    from rpsft.distributed import row_shard
+
+    r_sharded = anchor.accumulate_grad_(model, weight=weight)
+    r_ref = ref.accumulate_grad_(ref_model, weight=weight)
+    assert abs(r_sharded - r_ref) <= rel_r * r_ref, (r_sharded, r_ref)
+    refp = dict(ref_model.named_parameters())
+    shards = []
+    for name, p in model.named_parameters():
+        if name not in anchor.terms:
+            continue
+        local, row0, _ = row_shard(p)
+        want = refp[name].grad[row0:row0 + local.shape[0]]
+        rel = float((p.grad.to_local() - want).norm() / want.norm())
+        assert rel < 1e-5, (name, rel)  # fp32 round-off of a different summation order
+        shards.append((name, local, anchor.terms[name]))
+    return r_sharded, r_ref, shards

@@ -1,4 +1,4 @@
-"""RotationAnchor: the penalty of Eq. 3 and its closed-form gradient."""
+"""RotationAnchor: the penalty of Eq. 3 and its closed-form gradient; the full-rank rule (App. C.2, Eq. 11)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def model():
     return make_tiny_llama(64, inter=80)
 
 
+@pytest.mark.numerics
 def test_closed_form_gradient_matches_autograd(model):
     anchor = RotationAnchor.from_model(model, rank=8)
     perturb_(model)
@@ -41,6 +42,7 @@ def test_closed_form_gradient_matches_autograd(model):
         assert e < 1e-5, (name, e)
 
 
+@pytest.mark.numerics
 def test_accumulate_adds_weighted_gradient_to_existing_grad(model):
     anchor = RotationAnchor.from_model(model, rank=4, targets=["q_proj"])
     perturb_(model)
@@ -57,12 +59,14 @@ def test_accumulate_adds_weighted_gradient_to_existing_grad(model):
     torch.testing.assert_close(once, 0.5 * p.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_penalty_at_init_is_fp32_roundoff(model):
     anchor = RotationAnchor.from_model(model, rank=8)
     sigma_sq = sum(float(t.S.double().pow(2).sum()) for t in anchor.terms.values())
     assert anchor.penalty(model).item() < 1e-6 * sigma_sq
 
 
+@pytest.mark.numerics
 def test_penalty_at_init_is_zero_for_bf16_weights():
     # The authors' fp16 bases leave ~1e-4 per matrix; bases of a bf16 model are taken of the exact bf16 values
     # and the penalty is computed in fp32, so it is round-off only.
@@ -73,6 +77,7 @@ def test_penalty_at_init_is_zero_for_bf16_weights():
     assert all(t.U.dtype == torch.float32 for t in anchor.terms.values())
 
 
+@pytest.mark.numerics
 def test_penalty_equals_brute_force_after_perturbation(model):
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     anchor = RotationAnchor.from_model(model, rank=6)
@@ -83,12 +88,18 @@ def test_penalty_equals_brute_force_after_perturbation(model):
     assert expected > 1e-3  # the perturbation is visible: the check is not 0 == 0
 
 
-def test_l2_at_full_rank_is_exactly_l2_to_init(model):
-    # method=l2init: ‖W − W0‖² on every matrix, square or not (W0 stored, no bases)
+@pytest.mark.parametrize("rule", [{}, {"full_rank_as": "l2"}], ids=["default", "l2"])
+@pytest.mark.numerics
+def test_full_rank_is_exactly_l2_to_init(model, rule):
+    # the paper's rule (App. C.2, Eq. 11), the default, and method=l2init: ‖W − W0‖² on every matrix at
+    # k = min(m, n), square or not (W0 stored, no bases): 10 of the 14 projections here are non-square
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     for rank in (10_000, 1.0):  # int beyond min(m, n) is clipped; fraction 1.0 is min(m, n)
-        anchor = RotationAnchor.from_model(model, rank=rank, full_rank_as="l2")
+        anchor = RotationAnchor.from_model(model, rank=rank, **rule)
         assert all(t.full and t.U is None for t in anchor.terms.values())
+        assert anchor.full_rank_as == "l2" and anchor.summary() == {"form": "block", "full_rank": "l2",
+                                                                      "full_rank_matrices": 14}
+    assert sum(t.shape[0] != t.shape[1] for t in anchor.terms.values()) == 10
     perturb_(model)
     params = dict(model.named_parameters())
     expected = sum(float((params[n].detach().double() - W0[n].double()).pow(2).sum()) for n in anchor.terms)
@@ -109,14 +120,19 @@ def _brute_projected(W0: torch.Tensor, W: torch.Tensor) -> float:
     return float((P_U @ (W.double() - W0) @ P_V).pow(2).sum())
 
 
-def test_eq3_at_every_k_is_continuous_on_non_square_matrices(model):
-    # R(k) = ‖U_kᵀ ΔW V_k‖² is a sum of |ΔW'_ij|² over a growing leading block, so non-decreasing in k; at
+@pytest.mark.numerics
+def test_both_full_rank_rules_against_brute_force_on_non_square_matrices(model):
+    # eq3: R(k) = ‖U_kᵀ ΔW V_k‖² is a sum of |ΔW'_ij|² over a growing leading block, so non-decreasing in k; at
     # k = min(m, n) it is ‖P_U ΔW P_V‖², strictly less than ‖ΔW‖² on a non-square matrix (no jump to L2-Init).
+    # The default (the paper's rule) is ‖ΔW‖² there, and the same as eq3 below full rank.
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     kp = "model.layers.0.self_attn.k_proj.weight"  # 16 × 32: min(m, n) = 16
     gp = "model.layers.0.mlp.gate_proj.weight"  # 80 × 32: min(m, n) = 32
-    anchors = {k: RotationAnchor.from_model(model, rank=k, targets=["k_proj", "gate_proj"], layers=[0])
+    anchors = {k: RotationAnchor.from_model(model, rank=k, targets=["k_proj", "gate_proj"], layers=[0],
+                                            full_rank_as="eq3")
                for k in (4, 8, 12, 16, 24, 31, 32, 10_000)}
+    paper = {k: RotationAnchor.from_model(model, rank=k, targets=["k_proj", "gate_proj"], layers=[0])
+             for k in (12, 10_000)}
     perturb_(model)
     params = dict(model.named_parameters())
     for name, m_n in ((kp, 16), (gp, 32)):
@@ -130,8 +146,15 @@ def test_eq3_at_every_k_is_continuous_on_non_square_matrices(model):
         assert r[-1] == pytest.approx(brute, rel=1e-5)
         l2 = float((params[name].detach().double() - W0[name].double()).pow(2).sum())
         assert brute < 0.9 * l2  # the check separates Eq. 3 from ‖ΔW‖²
-    # a square matrix at full rank keeps the cheaper W0 form, with the same value as Eq. 3
-    sq = RotationAnchor.from_model(model, rank=1.0, targets=["q_proj"], layers=[0])
+        t = paper[10_000].terms[name]
+        assert t.full and t.k == m_n and t.U is None
+        assert paper[10_000].drift(model)[name]["abs"] ** 2 == pytest.approx(l2, rel=1e-5)
+        assert paper[12].drift(model)[name]["abs"] == pytest.approx(anchors[12].drift(model)[name]["abs"], rel=1e-6)
+        model.zero_grad(set_to_none=True)
+        paper[10_000].accumulate_grad_(model)
+        torch.testing.assert_close(params[name].grad, 2 * (params[name].detach() - W0[name]))
+    # a square matrix at full rank keeps the cheaper W0 form under eq3 too, with the same value as Eq. 3
+    sq = RotationAnchor.from_model(model, rank=1.0, targets=["q_proj"], layers=[0], full_rank_as="eq3")
     q = "model.layers.0.self_attn.q_proj.weight"
     assert sq.terms[q].full
 
@@ -213,6 +236,7 @@ def test_refuses_partitioned_parameters(model):
         RotationAnchor.from_model(model, rank=2)
 
 
+@pytest.mark.numerics
 def test_drift_reports_relative_norms(model):
     anchor = RotationAnchor.from_model(model, rank=4)
     d0 = anchor.drift(model)
@@ -237,19 +261,42 @@ def test_wrong_model_is_a_clear_error(model):
         anchor.penalty(other)
 
 
-def test_l2init_method_anchor_is_l2_and_rpsft_full_rank_is_eq3(model, tmp_path):
-    # the training entry point: method=l2init builds ‖W − W0‖² on every matrix; method=rpsft at a k beyond
-    # min(m, n) builds Eq. 3 (bases on the non-square k/v/MLP matrices, W0 only for the square q/o)
+@pytest.mark.numerics
+def test_full_rank_rule_from_the_config(model, tmp_path):
+    # the training entry point: method=l2init and method=rpsft at a k beyond min(m, n) build ‖W − W0‖² on every
+    # matrix (the paper's rule, anchor.full_rank=l2 by default); anchor.full_rank=eq3 builds Eq. 3 (bases on the
+    # non-square k/v/MLP matrices, W0 only for the square q/o)
     from rpsft.config import load_config
     from rpsft.train import build_anchor
 
     W0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    l2 = build_anchor(model, load_config(None, ["method=l2init", f"anchor.cache_dir={tmp_path}"]), full_rank=True)
-    eq3 = build_anchor(model, load_config(None, ["method=rpsft", "anchor.rank=10000", f"anchor.cache_dir={tmp_path}"]))
-    assert all(t.full for t in l2.terms.values())
+    cache = f"anchor.cache_dir={tmp_path}"
+    l2 = build_anchor(model, load_config(None, ["method=l2init", cache]), full_rank=True)
+    paper = build_anchor(model, load_config(None, ["method=rpsft", "anchor.rank=10000", cache]))
+    eq3 = build_anchor(model, load_config(None, ["method=rpsft", "anchor.rank=10000", "anchor.full_rank=eq3", cache]))
+    assert all(t.full for t in l2.terms.values()) and all(t.full for t in paper.terms.values())
     assert {n for n, t in eq3.terms.items() if t.full} == {n for n in eq3.terms if "q_proj" in n or "o_proj" in n}
+    assert (paper.full_rank_as, eq3.full_rank_as) == ("l2", "eq3")
     perturb_(model)
     params = dict(model.named_parameters())
     dw = {n: float((params[n].detach().double() - W0[n].double()).pow(2).sum()) for n in l2.terms}
     assert l2.penalty(model).item() == pytest.approx(sum(dw.values()), rel=1e-6)
+    assert paper.penalty(model).item() == pytest.approx(sum(dw.values()), rel=1e-6)
     assert eq3.penalty(model).item() < 0.9 * sum(dw.values())
+
+
+def test_full_rank_rule_is_checked_before_anything_loads(tmp_path):
+    from rpsft.config import ConfigError, load_config
+    from rpsft.train import train
+
+    with pytest.raises(ConfigError, match=r"^anchor.full_rank must be l2 .* or eq3 .*, got 'L2'; did you mean 'l2'\?$"):
+        load_config(None, ["anchor.full_rank=L2"])
+    with pytest.raises(ConfigError, match="got 'paper'$"):
+        load_config(None, ["anchor.full_rank=paper"])
+    # l2init is ‖W − W0‖² by definition: eq3 would silently make it something else. Refused before the data or
+    # the model is read (neither exists here).
+    cfg = load_config(None, ["method=l2init", "anchor.full_rank=eq3", "data.train=/nonexistent/train.jsonl",
+                             "model.name=/nonexistent/model", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"^method=l2init is ‖W − W0‖² on every matrix; anchor.full_rank=eq3 would "
+                                         r"make it Eq. 3 at full rank — drop the override"):
+        train(cfg, progress=False)

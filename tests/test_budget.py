@@ -132,6 +132,7 @@ def test_budget_on_rpsft_lora(tiny_model_dir, synth_data, tmp_path):
     assert rows[-1]["rpsft/drift"] > 0 and rows[-1]["rpsft/lambda"] != rows[1]["rpsft/lambda"]
 
 
+@pytest.mark.numerics
 def test_per_type_weights_in_the_closed_form_gradient():
     from rpsft_testing import make_tiny_llama
 
@@ -158,7 +159,7 @@ def test_controller_bounds_and_state_round_trip():
     c = BudgetController(0.1, lam=1.0, lam_min=0.5, lam_max=2.0, rate=0.2, kp=1.0)
     for i in range(20):
         c.update(Fake({"a.q_proj.weight": 1.0 + 1e-3 * i}))  # d ≈ 1 = 10 ε: λ rises to its ceiling and stays
-    assert c.lam["all"] == 2.0 and c.drift["all"] == pytest.approx(1.0, rel=0.01)
+    assert c.lam["all"] == 2.0 and c.drift["all"] == pytest.approx(math.sqrt(1 + 1e-3 * 19))  # the last d measured
     for i in range(40):
         c.update(Fake({"a.q_proj.weight": 1e-8 * (1 + 1e-3 * i)}))  # far below: down to the floor, no wind-up
     assert c.lam["all"] == 0.5

@@ -104,7 +104,8 @@ def test_guard_message_names_the_likely_cause():
         def log(self, *a, **k):
             pass
 
-    g = guards.FiniteGuard(FakeTrainer())
+    trainer = FakeTrainer()  # kept: the guard holds its trainer weakly
+    g = guards.FiniteGuard(trainer)
     inf, nan = float("inf"), float("nan")
     assert "delete the bases cache" in g.message(1, ["anchor penalty R"], 1.0, inf, 1.0)
     assert "first batch already gives it" in g.message(1, ["loss"], nan, 0.0, nan)
@@ -244,7 +245,7 @@ def test_overwrite_deletes_only_what_a_run_wrote(tiny_model_dir, synth_data, tmp
     train(cfg, progress=False)
     (out / "my-notes.txt").write_text("mine")
     (out / "plots").mkdir()
-    with pytest.raises(FileExistsError, match=r"my-notes\.txt, plots/.*--overwrite=all"):
+    with pytest.raises(FileExistsError, match=r"my-notes\.txt, plots/.*--overwrite-all to delete"):
         train(cfg, overwrite=True, progress=False)
     assert (out / "my-notes.txt").read_text() == "mine" and (out / "run.json").is_file()  # nothing deleted
     (out / "my-notes.txt").unlink()
@@ -272,7 +273,9 @@ def test_cli_overwrite_all_spelling(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 4. torn checkpoints and resume
 def test_resume_passes_over_a_torn_checkpoint(tiny_model_dir, synth_data, tmp_path, caplog):
     out = tmp_path / "run"
-    extra = ("train.max_steps=4", "train.save_steps=2", "train.save_total_limit=null")
+    # every checkpoint, with its optimizer state: the finished run stands in for one killed while saving step 4
+    extra = ("train.max_steps=4", "train.save_steps=2", "train.save_total_limit=null",
+             "train.keep_optimizer_state=true")
     full = train(cfg_for(tiny_model_dir, synth_data["train"], tmp_path / "full", *extra), progress=False)
     cfg = cfg_for(tiny_model_dir, synth_data["train"], out, *extra)
     train(cfg, progress=False)
@@ -321,7 +324,7 @@ def test_resuming_a_finished_run_is_a_no_op(tiny_model_dir, synth_data, tmp_path
 
 def test_a_torn_trainer_state_is_named_with_its_path(tiny_model_dir, synth_data, tmp_path):
     out = tmp_path / "run"
-    cfg = cfg_for(tiny_model_dir, synth_data["train"], out, "train.save_steps=1")
+    cfg = cfg_for(tiny_model_dir, synth_data["train"], out, "train.save_steps=1", "train.save_total_limit=null")
     train(cfg, progress=False)
     state = out / "checkpoint-2" / "trainer_state.json"
     state.write_text('{"global_st')

@@ -7,13 +7,12 @@ import os
 
 import torch
 
-from rpsft_testing import gloo_rank, make_tiny_llama, perturb_and_shard, run_ranks
+from rpsft_testing import gloo_rank, make_tiny_llama, perturb_and_shard, run_ranks, sharded_terms_match
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with gloo_rank(rank, world, port):
         from rpsft.anchor import RotationAnchor
-        from rpsft.distributed import row_shard
         from rpsft.frames import get_lean_bases
 
         model = make_tiny_llama(64, inter=80, hidden=48)  # 48 rows of q/o; 24 of k/v: uneven over 2 ranks too
@@ -32,18 +31,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         perturb_and_shard(model, ref_model, world)
 
-        r_sharded = anchor.accumulate_grad_(model, weight=0.5)
-        r_ref = ref.accumulate_grad_(ref_model, weight=0.5)
-        assert abs(r_sharded - r_ref) <= 1e-6 * r_ref, (r_sharded, r_ref)
-        refp = dict(ref_model.named_parameters())
-        for name, p in model.named_parameters():
-            if name not in anchor.terms:
-                continue
-            local, row0, _ = row_shard(p)
-            want = refp[name].grad[row0:row0 + local.shape[0]]
-            rel = float((p.grad.to_local() - want).norm() / want.norm())
-            assert rel < 1e-5, (name, rel)  # fp32 round-off of a different summation order
-            t = anchor.terms[name]
+        r_sharded, r_ref, shards = sharded_terms_match(anchor, ref, model, ref_model, rel_r=1e-6)
+        for name, local, t in shards:
             assert (t.W0 if t.full else t.U).shape[0] == local.shape[0]  # only this rank's rows are kept
             assert t.full or t.Aref.shape == (t.k, t.k)  # A_ref is replicated whole
         drift, ref_drift = anchor.drift(model), ref.drift(ref_model)

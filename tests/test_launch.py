@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from rpsft import launch
 from rpsft.cli import app
 from rpsft.config import ConfigError, load_config
-from rpsft.launch import check_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
@@ -90,17 +89,6 @@ def test_cpu_ram_efficient_loading_is_refused_before_loading(tiny_model_dir, syn
     res = CliRunner().invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
                                    f"data.train={synth_data['train']}", "--set", f"output_dir={tmp_path / 'c'}"])
     assert res.exit_code == 2 and "fsdp_cpu_ram_efficient_loading" in res.output
-
-
-def test_zero2_bf16_warns_and_points_to_fsdp2(monkeypatch, caplog):
-    for k, v in launch_env(ROOT / "configs" / "accelerate" / "zero2.yaml").items():  # the shipped file: bf16
-        monkeypatch.setenv(k, v)
-    with caplog.at_level(logging.WARNING, logger="rpsft"):
-        notes = check_launch(anchor=True)
-    assert len(notes) == 1 and "bf16" in notes[0] and "FSDP2" in notes[0]
-    assert check_launch(anchor=False) == []  # nothing to warn about without an anchor
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    assert check_launch(anchor=True) == []
 
 
 def test_shipped_fsdp2_config_keeps_fp32_loading_on_every_rank():

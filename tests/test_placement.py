@@ -105,6 +105,7 @@ def _checkpoint_wrap(model):
     return model
 
 
+@pytest.mark.numerics
 def test_checkpoint_wrapped_and_compiled_names_resolve(model):
     anchor = RotationAnchor.from_model(model, rank=RANKS)
     perturb_(model)
@@ -199,7 +200,10 @@ def test_cpu_svds_use_all_cores_then_restore(model, monkeypatch):
 @pytest.mark.parametrize("backend, preferred, expected", [
     ("nccl", "cpu", "cuda:0"),  # DeepSpeed / plain multi-GPU launch: no CPU backend
     ("gloo", "cpu", "cpu"),
-    ("cuda:nccl,cpu:gloo", "cpu", "cpu"),  # accelerate's FSDP2 group
+    ("gloo", "cuda:0", "cuda:0"),
+    ("cuda:nccl,cpu:gloo", "cpu", "cuda:0"),  # accelerate's FSDP2 group: NCCL, not gloo over TCP
+    ("cuda:nccl,cpu:gloo", "cuda:0", "cuda:0"),
+    ("cpu:gloo,cuda:gloo", "cpu", "cpu"),  # no NCCL in the group: stay where the data is
     ("nccl", "cuda:0", "cuda:0"),
     ("mpi", "cuda:0", "cpu"),
 ])
@@ -207,6 +211,25 @@ def test_collective_device_follows_the_backend(monkeypatch, backend, preferred, 
     monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: backend)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert distributed.collective_device(torch.device(preferred)) == torch.device(expected)
+
+
+def test_bases_travel_over_nccl_in_the_fsdp2_group_and_come_back(model, monkeypatch):
+    """accelerate's FSDP2 group (``cuda:nccl,cpu:gloo``, mocked on 2 ranks) and the model still on the CPU: every
+    bases broadcast asks for a buffer on the GPU (NCCL), not on the CPU (gloo over TCP), and the anchor keeps what
+    it received where its parameters are. Without a GPU here the buffer is redirected to the CPU after the choice is
+    recorded; the broadcast leaves it as it is (each rank's own values for the matrices it owns)."""
+    monkeypatch.setattr(anchor_mod, "world", lambda: (0, 2))
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda group=None: "cuda:nccl,cpu:gloo")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    chosen = []
+    monkeypatch.setattr(anchor_mod, "collective_device",
+                        lambda d, group=None: chosen.append(distributed.collective_device(d, group)) or d)
+    sent = []
+    monkeypatch.setattr(anchor_mod, "broadcast_", lambda t, src: sent.append(src) or t)
+    anchor = RotationAnchor.from_model(model, rank=4)
+    assert len(chosen) == len(sent) == len(anchor) == 14  # one broadcast per matrix
+    assert set(chosen) == {torch.device("cuda", 0)}
+    assert {t.U.device.type for t in anchor.terms.values()} == {"cpu"}
 
 
 def test_bases_broadcast_buffer_is_on_the_nccl_device(model, monkeypatch):
@@ -228,6 +251,7 @@ def test_bases_broadcast_buffer_is_on_the_nccl_device(model, monkeypatch):
 # ------------------------------------------------------------------------------------------------- host syncs
 
 
+@pytest.mark.numerics
 def test_penalty_record_syncs_the_host_once(model):
     anchor = RotationAnchor.from_model(model, rank=RANKS)
     perturb_(model)

@@ -26,51 +26,71 @@ path) fills at no extra cost; under FSDP2 those values are already all-reduced, 
 ``period > 1`` the controller acts on the steps where the anchor is applied. The state (λ per group, the last d, the
 number of updates) is a small JSON file in every checkpoint (:data:`STATE_FILE`), so ``--resume latest`` continues
 the same λ trajectory.
+
+The hard form (``anchor.budget_form=ball``, :class:`BallBudget`): instead of a penalty, every optimizer step ends
+with a projection of the weights back into the ball d ≤ ε (``RotationAnchor.project_ball_``):
+
+    W ← W − U_k (c·A) V_kᵀ,     c = (1 − ε‖σ_k‖ / ‖A‖)₊      (new A = (1 − c)·A, the rest of W untouched)
+
+so d ≤ ε holds after every step by construction, and ε = 0 is the constrained problem (paper Eq. 10): the top-k
+block stays at W0. Scope ``all`` takes one c from Σ‖A‖² and Σ‖σ_k‖² of every matrix (the d above), ``type`` one per
+matrix type, ``matrix`` one per matrix. There is no λ: the projection replaces the penalty (adapting λ as well would
+only drive it to its floor, since the measured d never exceeds ε). The two forms are exclusive.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+# the budget keys are checked with the rest of the config (config.py); re-exported here for their callers
+from .config import BALL_SCOPES, FORMS, SCOPES, budget_form, check_budget_config  # noqa: F401
 from .selection import matrix_type
 
 STATE_FILE = "rpsft_budget.json"
-SCOPES = ("all", "type")
 
 
-def check_budget_config(a: Any) -> None:
-    """The budget keys of an ``anchor`` config section, checked before anything loads (ConfigError, one line)."""
+def _check_ball_method(m: Any) -> None:
+    """The ball projects Eq. 3's block of dense weights: refuse a method (a ``rpsft.methods.Method``) whose anchor is
+    on something else (rpsft_lora: W0 + s·BA) or is not that block (complement)."""
     from .config import ConfigError
 
-    if a.budget is None:
+    if m is None:
         return
-    eps = a.budget
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
-        raise ConfigError(f"anchor.budget must be a relative drift ε > 0 (e.g. 0.01 = 1 % of ‖σ_k‖), got {eps!r}")
-    if a.budget_scope not in SCOPES:
-        raise ConfigError(f"anchor.budget_scope must be all or type, got {a.budget_scope!r}")
-    if not (math.isfinite(a.lam_min) and math.isfinite(a.lam_max)) or a.lam_min <= 0 or a.lam_max < a.lam_min:
-        raise ConfigError(f"anchor.lam_min={a.lam_min:g} and anchor.lam_max={a.lam_max:g} admit no λ for the budget: "
-                          "need 0 < lam_min <= lam_max (a multiplicative controller cannot leave λ = 0)")
-    if not (math.isfinite(a.budget_rate) and a.budget_rate > 0):
-        raise ConfigError(f"anchor.budget_rate must be > 0 (λ changes by at most ×e^±rate per step), got "
-                          f"{a.budget_rate!r}")
+    if m.wrap_anchor is not None:
+        raise ConfigError(f"anchor.budget_form=ball projects dense weights, and method={m.name} anchors W0 + s·BA "
+                          "through its adapter; use anchor.budget_form=penalty (adaptive λ) with this method")
+    if getattr(m, "anchor_form", "block") != "block":
+        raise ConfigError(f"anchor.budget_form=ball holds the anchored top-k block, and method={m.name} anchors its "
+                          f"{m.anchor_form} instead; use anchor.budget_form=penalty (adaptive λ) with this method")
 
 
-def check_budget_method(a: Any, run: str, use_anchor: bool, fix: str | None = None) -> None:
-    """A budget needs an anchor to adapt; raise (one line) before the model loads when the run has none."""
+def check_budget_method(a: Any, run: str, use_anchor: bool, fix: str | None = None, method: Any = None) -> None:
+    """A budget needs an anchor to adapt; raise (one line) before the model loads when the run has none, when the
+    ball is asked for with a ``method`` (the run's ``rpsft.methods.Method``, resolved by the caller) whose anchor it
+    cannot project, or under a launcher that keeps the weights out of reach (DeepSpeed)."""
     from .config import ConfigError
 
     if a.budget is not None and not use_anchor:
         raise ConfigError(f"anchor.budget={a.budget:g} needs the rotation anchor, and {run} runs without it; "
                           + (fix or "use method=rpsft (or rpsft_lora), set anchor.enabled=true where the method allows it "
                                  "(sft, dft, iw), or drop anchor.budget"))
+    if a.budget is not None and budget_form(a) == "ball":
+        _check_ball_method(method)
+    if a.budget is not None and budget_form(a) == "ball" and \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").strip().lower() in ("1", "true", "yes"):
+        raise ConfigError(BALL_DEEPSPEED)
+
+
+BALL_DEEPSPEED = ("anchor.budget_form=ball rewrites the weights after each optimizer step, and DeepSpeed keeps the "
+                  "weights its optimizer updates (the fp32 masters) inside the optimizer, out of reach; launch with "
+                  "FSDP2 (configs/accelerate/fsdp2.yaml) or DDP, or use anchor.budget_form=penalty")
 
 
 class BudgetController:
@@ -90,10 +110,15 @@ class BudgetController:
         self.integral: dict[str, float] = {}  # group -> the integral part of log λ
         self.updates = 0
 
+    form = "penalty"
+
     @classmethod
     def from_config(cls, a: Any) -> "BudgetController | None":
+        """The controller of ``anchor.budget`` (None without one): a :class:`BallBudget` with budget_form=ball."""
         if a.budget is None:
             return None
+        if budget_form(a) == "ball":
+            return BallBudget.from_config(a)
         return cls(a.budget, a.lam, a.lam_min, a.lam_max, a.budget_rate, a.budget_scope)
 
     def group(self, name: str) -> str:
@@ -150,12 +175,13 @@ class BudgetController:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"budget": self.budget, "scope": self.scope, "lam": dict(self.lam), "drift": dict(self.drift),
-                "total_drift": self.total_drift, "integral": dict(self.integral), "updates": self.updates}
+        return {"form": self.form, "budget": self.budget, "scope": self.scope, "lam": dict(self.lam),
+                "drift": dict(self.drift), "total_drift": self.total_drift,
+                "drift_over_budget": _ratio(self.total_drift, self.budget), "integral": dict(self.integral),
+                "updates": self.updates}
 
     def load_state_dict(self, state: Mapping) -> None:
-        if state.get("scope", self.scope) != self.scope:
-            raise ValueError(f"the checkpoint's budget scope is {state.get('scope')!r}, this run's {self.scope!r}")
+        _check_state(self, state)
         self.lam = {g: float(v) for g, v in state["lam"].items()}
         self.drift = {g: float(v) for g, v in state.get("drift", {}).items()}
         self.total_drift = float(state.get("total_drift", 0.0))
@@ -174,6 +200,124 @@ class BudgetController:
             return False
         self.load_state_dict(json.loads(path.read_text()))
         return True
+
+
+def _ratio(d: float, eps: float) -> float | None:
+    """d/ε for run summaries (None at ε = 0, where the ball holds d at round-off)."""
+    return d / eps if eps > 0 else None
+
+
+def _check_state(c: "BudgetController", state: Mapping) -> None:
+    if state.get("form", "penalty") != c.form:
+        raise ValueError(f"the checkpoint's budget form is {state.get('form', 'penalty')!r}, this run's {c.form!r}")
+    if state.get("scope", c.scope) != c.scope:
+        raise ValueError(f"the checkpoint's budget scope is {state.get('scope')!r}, this run's {c.scope!r}")
+
+
+class BallBudget(BudgetController):
+    """The hard budget (``anchor.budget_form=ball``): after every optimizer step the anchored blocks are projected
+    back into d ≤ ε, one scale c per group (scope ``all``: the whole block; ``type``: a matrix type; ``matrix``:
+    each matrix). No λ: :meth:`weight` is 0, so the trainer runs no penalty pass. The trainer calls
+    :meth:`project` from ``on_optimizer_step`` on every rank (rpsft.trainer)."""
+
+    form = "ball"
+
+    def __init__(self, budget: float, scope: str = "all"):
+        if scope not in BALL_SCOPES:
+            raise ValueError(f"ball scope must be one of {BALL_SCOPES}, got {scope!r}")
+        if not (math.isfinite(budget) and budget >= 0):
+            raise ValueError(f"the ball's radius ε must be a finite relative drift >= 0, got {budget!r}")
+        self.budget, self.scope = float(budget), scope
+        self.drift: dict[str, float] = {}  # group -> d after the last projection
+        self.drift_before: dict[str, float] = {}  # group -> d the last optimizer step left, before the projection
+        self.scale: dict[str, float] = {}  # group -> c of the last projection (0: the group was inside the ball)
+        self.total_drift = 0.0  # d of every anchored matrix after the last projection (what the weights hold)
+        self.total_before = 0.0
+        self.by_type: dict[str, float] = {}  # matrix type -> mean relative drift per matrix, after the projection
+        self.updates = 0  # projections (one per optimizer step)
+        self.projected = 0  # of which moved at least one block
+        self._window: list[float] = []  # the largest c of each step since the last log line
+
+    @classmethod
+    def from_config(cls, a: Any) -> "BallBudget":
+        try:  # the penalty's keys do nothing here; say so when they were set
+            defaults = type(a)()
+            unused = [k for k in ("lam", "lam_min", "lam_max", "budget_rate", "period", "mode")
+                      if getattr(a, k) != getattr(defaults, k)]
+        except (TypeError, AttributeError):
+            unused = []
+        if unused:
+            import logging
+
+            logging.getLogger("rpsft").warning(
+                "%s: no effect with anchor.budget_form=ball (the projection replaces the penalty; no λ is used)",
+                ", ".join(f"anchor.{k}" for k in unused))
+        return cls(a.budget, a.budget_scope)
+
+    def group(self, name: str) -> str:
+        return name if self.scope == "matrix" else super().group(name)
+
+    def weight(self, names) -> float:
+        return 0.0
+
+    def update(self, anchor) -> float:
+        return 0.0  # no λ to adapt: the ball acts in project()
+
+    def project(self, anchor, model) -> dict[str, tuple[float, float]]:
+        """Project ``model``'s anchored blocks into the ball (one pass, one all-reduce under FSDP2) and record d
+        before and after; returns the anchor's per-matrix (‖A‖² before, c)."""
+        rows = anchor.project_ball_(model, self.budget, group=None if self.scope == "matrix" else self.group)
+        before, after, den = {}, {}, {}
+        post = {}
+        scale: dict[str, float] = {}
+        for name, (sq, c) in rows.items():
+            g = self.group(name)
+            post[name] = (1.0 - c) ** 2 * max(sq, 0.0)  # A ← (1 − c)·A (the stored weights agree to their rounding)
+            before[g] = before.get(g, 0.0) + max(sq, 0.0)
+            after[g] = after.get(g, 0.0) + post[name]
+            den[g] = den.get(g, 0.0) + anchor.terms[name].ref_sq
+            scale[g] = c
+        self.drift_before = {g: math.sqrt(before[g] / max(den[g], 1e-30)) for g in sorted(before)}
+        self.drift = {g: math.sqrt(after[g] / max(den[g], 1e-30)) for g in sorted(after)}
+        self.scale = {g: scale[g] for g in sorted(scale)}
+        total = max(sum(den.values()), 1e-30)
+        self.total_before = math.sqrt(sum(before.values()) / total)
+        self.total_drift = math.sqrt(sum(after.values()) / total)
+        self.by_type = anchor.relative_drift_by_type(post)
+        self.updates += 1
+        self.projected += any(c > 0 for c in scale.values())
+        self._window.append(max(scale.values(), default=0.0))
+        return rows
+
+    def log_values(self) -> dict[str, float]:
+        """``rpsft/drift`` (d after the projection), ``rpsft/drift_before_ball`` (d the step left),
+        ``rpsft/ball_scale`` (c, the largest over groups, mean over the steps since the last log line),
+        ``rpsft/drift/<type>``, and with scope=type ``rpsft/budget_drift/<type>``."""
+        out = {"rpsft/drift": self.total_drift, "rpsft/drift_before_ball": self.total_before,
+               "rpsft/ball_scale": sum(self._window) / len(self._window) if self._window else 0.0}
+        self._window.clear()
+        for t, v in self.by_type.items():
+            out[f"rpsft/drift/{t}"] = v
+        if self.scope == "type":
+            for g, d in self.drift.items():
+                out[f"rpsft/budget_drift/{g}"] = d
+        return out
+
+    def state_dict(self) -> dict:
+        return {"form": self.form, "budget": self.budget, "scope": self.scope, "drift": dict(self.drift),
+                "total_drift": self.total_drift, "drift_over_budget": _ratio(self.total_drift, self.budget),
+                "drift_before": dict(self.drift_before), "total_drift_before": self.total_before,
+                "scale": dict(self.scale), "updates": self.updates, "projected_steps": self.projected}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        _check_state(self, state)
+        self.drift = {g: float(v) for g, v in state.get("drift", {}).items()}
+        self.drift_before = {g: float(v) for g, v in state.get("drift_before", {}).items()}
+        self.scale = {g: float(v) for g, v in state.get("scale", {}).items()}
+        self.total_drift = float(state.get("total_drift", 0.0))
+        self.total_before = float(state.get("total_drift_before", 0.0))
+        self.updates = int(state.get("updates", 0))
+        self.projected = int(state.get("projected_steps", 0))
 
 
 def weighted_sum(weight: float | Mapping[str, float], sq: Mapping[str, float]) -> float:

@@ -1,4 +1,4 @@
-"""``rpsft`` command line: train | data | methods | eval | analyze | rl | bench | compare.
+"""``rpsft`` command line: train | plan | data | methods | eval | analyze | rl | bench | compare.
 
 Heavy imports (torch, transformers) happen inside the commands so that ``rpsft --help`` is instant. Expected
 failures (bad config, bad data, missing files) print one clear message and exit with status 2; set
@@ -34,9 +34,13 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+@friendly_errors
+def _root(ctx: typer.Context, version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                           help="Print the version and exit.")):
     """Rotation-Preserving Supervised Fine-Tuning (RPSFT) on the Hugging Face stack."""
+    from .launch import check_one_process
+
+    check_one_process(ctx.invoked_subcommand)  # under a multi-process launch only train and rl may run
 
 
 @friendly_errors
@@ -49,7 +53,7 @@ def train(
     overwrite_all: bool = typer.Option(False, "--overwrite-all",
                                        help="Delete the whole output_dir first, whatever it holds."),
 ):
-    """Fine-tune a model (method=sft|rpsft|l2init|dft|iw|lora|rpsft_lora|osf)."""
+    """Fine-tune a model (method=sft|rpsft|l2init|complement|dft|iw|lora|rpsft_lora|osf)."""
     from .config import load_config
     from .train import train as run_train
 
@@ -73,6 +77,10 @@ def train(
     console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
                   f"metrics:    {out / 'metrics.jsonl'}\nconfig:     {out / 'config.yaml'}\n"
                   f"summary:    {out / 'run.json'}", highlight=False)
+    if summary.get("disk"):  # (a run.json from before disk use was recorded has none)
+        from .guards import disk_line
+
+        console.print(disk_line(summary["disk"], out), highlight=False, soft_wrap=True)
     if (out / "train.log").is_file():
         console.print(f"log:        {out / 'train.log'}  (library messages and warnings)", highlight=False)
 
@@ -152,6 +160,34 @@ def methods():
     Console().print(table)
 
 
+@friendly_errors
+def plan(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/paper/)."),
+    set_: List[str] = typer.Option([], "--set", "-s", help="Override a config key: --set train.batch_size=1"),
+    launcher: Optional[str] = typer.Option(None, "--launcher", "-l", help="accelerate config: fsdp2, zero2, "
+                                           "ddp-cpu2 or a YAML path (default: $ACCELERATE_CONFIG_FILE, else one "
+                                           "process)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs: the processes of a multi-process launcher "
+                                       "(default: its num_processes), and what a suggestion may shard over."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory of one GPU, e.g. 80GiB (default: "
+                                             "the visible GPU's; on CPU the machine's RAM)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the plan as JSON here."),
+):
+    """Per-rank memory of a training run (weights, gradients, optimizer, anchor, activations), from the model's
+    config alone: no weights are loaded. Exits 2 with a setting that fits when the run cannot."""
+    from .config import load_config
+    from .plan import check_plan, make_plan, print_plan
+
+    cfg = load_config(config, set_)
+    mem_plan, shape, n_gpus = make_plan(cfg, launcher, gpus, gpu_memory)
+    print_plan(mem_plan, Console())
+    if out is not None:
+        from .fileio import write_json
+
+        write_json(out, mem_plan.to_dict())
+    check_plan(cfg, mem_plan, n_gpus, shape)
+
+
 # ------------------------------------------------------------------------------------ every command, in one place
 # Commands are plain functions (each wrapped in ``friendly_errors`` where it is defined); groups are typer apps.
 app.callback()(_root)
@@ -160,6 +196,7 @@ app.add_typer(data_app, name="data")
 data_app.command("synth-math")(synth_math)
 data_app.command("eval-files")(eval_files)
 app.command("methods")(methods)
+app.command("plan")(plan)
 app.command("eval")(eval_command)
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(rl_app, name="rl")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from .selection import DEFAULT_TARGETS
+
+FULL_RANK_RULES = ("l2", "eq3")  # anchor.full_rank; the same names as RotationAnchor.from_model(full_rank_as=)
 
 
 class ConfigError(ValueError):
@@ -44,8 +47,11 @@ class DataConfig:
 
 @dataclass
 class AnchorConfig:
-    enabled: bool | None = None  # None: on for methods that need it (rpsft, l2init, rpsft_lora)
+    enabled: bool | None = None  # None: on for methods that need it (rpsft, l2init, complement, rpsft_lora)
     rank: Any = 768  # int k, fraction of min(m, n), mapping pattern -> k, or "@ranks.json"
+    # a matrix whose k reaches min(m, n): l2 = ‖W − W0‖² (the paper's rule, App. C.2 Eq. 11) | eq3 = Eq. 3 on its
+    # full-rank bases (‖P_U ΔW P_V‖² on a non-square matrix; continuous in k)
+    full_rank: str = "l2"
     lam: float = 1.0  # λ of Eq. 4
     period: int = 1  # apply every `period` optimizer steps (Algorithm 1's s)
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
@@ -56,8 +62,9 @@ class AnchorConfig:
     frame_dtype: str = "fp32"  # storage of U_k, V_k: fp32 | bf16 | fp16 (lean frames + exact k×k A_ref, rpsft.frames)
     cache_dir: str | None = None  # default: <cache root>/bases
     mode: str = "auto"  # closed_form (∇R added to .grad) | autograd (λR in the last micro-batch loss) | auto
-    budget: float | None = None  # ε: adapt λ to hold the relative drift d of the anchored block at ε (rpsft.budget)
-    budget_scope: str = "all"  # all: one d and λ for the block | type: one per matrix type (q_proj, k_proj, ...)
+    budget: float | None = None  # ε: the relative drift d of the anchored block the run may reach (rpsft.budget)
+    budget_form: str = "penalty"  # penalty: adapt λ to hold d at ε | ball: project into d ≤ ε after every step
+    budget_scope: str = "all"  # all: one d for the block | type: one per matrix type | matrix (ball only): per matrix
     budget_rate: float = 0.2  # the controller changes λ by at most ×e^±rate per anchored step
     lam_min: float = 1e-6  # bounds of the adapted λ (> 0: a multiplicative controller cannot leave 0)
     lam_max: float = 1e6
@@ -76,7 +83,8 @@ class BaseTrainConfig:
     optim: str = "adamw_torch"
     logging_steps: int = 1
     save_steps: int = 50
-    save_total_limit: int | None = 2
+    save_total_limit: int | None = 1  # newest sealed checkpoint-N kept (null: every one; guards.rotate_checkpoints)
+    keep_optimizer_state: bool = False  # a finished run's checkpoints keep optimizer.pt & co (to extend it)
     seed: int = 42
     bf16: bool | None = None  # None: bf16 autocast on a CUDA GPU that supports it, fp32 on CPU
     gradient_checkpointing: bool | None = None  # None: on for a GPU; off on CPU (no memory pressure, ~30% slower)
@@ -290,8 +298,9 @@ def set_dotted(data: dict, key: str, text: str, item: str) -> None:
     node[parts[-1]] = parse_value(text)
 
 
-def read_config_file(path: str | Path | None, examples: str = "configs/") -> dict:
-    """The top-level mapping of a YAML config file ({} for no file), with a clear error for each way it can fail."""
+def read_config_file(path: str | Path | None, examples: str = "configs/", what: str = "sections") -> dict:
+    """The top-level mapping of a YAML config file ({} for no file), with a clear error for each way it can fail:
+    the one reader of every YAML file rpsft takes (run configs, compare configs, accelerate configs)."""
     if path is None:
         return {}
     p = Path(path)
@@ -302,7 +311,7 @@ def read_config_file(path: str | Path | None, examples: str = "configs/") -> dic
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        raise ConfigError(f"{p}: the top level must be a mapping of {what}")
     return data
 
 
@@ -325,12 +334,132 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}"),
     ]
     raise_first_failed(checks)
-    from .budget import check_budget_config
-
     check_budget_config(a)
-    from .preflight import check_values
-
     check_values(cfg)  # finiteness, ranges, non-empty paths and targets, rank syntax: before anything loads
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_values(cfg: Config) -> None:
+    """Ranges and finiteness of every value (``lr=inf`` and ``lam=inf`` included); normalises ``anchor.rank``
+    written as a float with an integer value (``1e3`` on the command line) to the int k it means."""
+    t, a, d = cfg.train, cfg.anchor, cfg.data
+    if isinstance(a.rank, float) and a.rank > 1:
+        if not a.rank.is_integer():
+            raise ConfigError(f"anchor.rank={a.rank}: give an int k (e.g. 768) or a fraction of min(m, n) in (0, 1]")
+        a.rank = int(a.rank)
+    checks = [
+        (_finite(t.lr), f"train.lr must be a finite number > 0, got {t.lr}"),
+        (_finite(a.lam), f"anchor.lam must be a finite number >= 0, got {a.lam}"),
+        (_finite(t.epochs) and t.epochs >= 0, f"train.epochs must be a finite number >= 0, got {t.epochs}"),
+        (_finite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1 or (t.warmup_ratio >= 1 and
+                                                                  float(t.warmup_ratio).is_integer()),
+         f"train.warmup_ratio must be a fraction in [0, 1) (or a whole number of steps), got {t.warmup_ratio}"),
+        (_finite(t.weight_decay) and t.weight_decay >= 0, f"train.weight_decay must be finite and >= 0, got "
+                                                          f"{t.weight_decay}"),
+        (_finite(t.max_grad_norm) and t.max_grad_norm >= 0, f"train.max_grad_norm must be finite and >= 0 (0 = no "
+                                                            f"clipping), got {t.max_grad_norm}"),
+        (t.logging_steps >= 1, f"train.logging_steps must be >= 1, got {t.logging_steps}"),
+        *checkpoint_checks(t),
+        (t.max_steps == -1 or t.max_steps >= 1, f"train.max_steps must be >= 1 (or -1: use train.epochs), got "
+                                                f"{t.max_steps}"),
+        *nan_policy_checks(t),
+        (d.limit is None or d.limit >= 1, f"data.limit must be >= 1 (first N rows) or null (all rows), got {d.limit}"),
+        (bool(str(cfg.output_dir).strip()), "output_dir is empty; give the directory the run is written to"),
+        (bool(str(d.train).strip()), "data.train is empty; give a JSONL/JSON file or a hub dataset name"),
+        (bool(str(cfg.model.name).strip()), "model.name is empty; give an embedded name, a checkpoint directory or "
+                                            "a hub id"),
+        (len(a.targets) > 0, "anchor.targets is empty; name at least one module pattern, e.g. q_proj"),
+        (a.niter >= 1, f"anchor.niter must be >= 1, got {a.niter}"),
+        (cfg.lora.r >= 1, f"lora.r must be >= 1, got {cfg.lora.r}"),
+        (_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}"),
+        (_finite(cfg.lora.dropout) and 0 <= cfg.lora.dropout < 1, f"lora.dropout must lie in [0, 1), got "
+                                                                   f"{cfg.lora.dropout}"),
+        (len(cfg.lora.targets) > 0, "lora.targets is empty; name at least one module pattern, e.g. q_proj"),
+        (_finite(cfg.iw.temperature), f"iw.temperature must be finite, got {cfg.iw.temperature}"),
+        (_finite(cfg.iw.w_max) and cfg.iw.w_max > 0, f"iw.w_max must be finite and > 0, got {cfg.iw.w_max}"),
+    ]
+    raise_first_failed(checks)
+    from .models import parse_dtype
+
+    for key, value in (("model.dtype", cfg.model.dtype), ("anchor.dtype", a.dtype)):
+        try:
+            parse_dtype(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    _check_rank_syntax(a.rank)
+    from .selection import parse_layers
+
+    parse_layers(a.layers)
+
+
+def _check_rank_syntax(rank: Any) -> None:
+    """The rank spec's own errors (not a number, a fraction out of range, a missing rank file) without a model."""
+    from .selection import SelectionError, resolve_ranks
+
+    if isinstance(rank, dict) or (isinstance(rank, str) and rank.startswith("@")):
+        return  # a mapping or a rank file is checked against the real parameter names (check_targets)
+    try:
+        resolve_ranks([("probe.weight", (4096, 4096))], rank)
+    except SelectionError as e:
+        raise ConfigError(f"anchor.{e}" if str(e).startswith("rank") else str(e)) from None
+
+
+SCOPES = ("all", "type")  # of the adaptive λ (one λ per group)
+FORMS = ("penalty", "ball")  # anchor.budget_form: adapt λ | project after every optimizer step
+BALL_SCOPES = ("all", "type", "matrix")  # of the ball (one scale c per group)
+
+
+def budget_form(a: Any) -> str:
+    """``anchor.budget_form`` of a config section (``penalty`` for objects without the field)."""
+    return getattr(a, "budget_form", "penalty")
+
+
+def check_budget_config(a: Any) -> None:
+    """The budget keys of an ``anchor`` config section, checked before anything loads (ConfigError, one line). What
+    the run's method allows is checked where the method is known (:func:`rpsft.budget.check_budget_method`)."""
+    form = budget_form(a)
+    if form not in FORMS:
+        raise ConfigError(f"anchor.budget_form must be penalty (adapt λ) or ball (project into the budget), got "
+                          f"{form!r}{_did_you_mean(form, FORMS)}")
+    if a.budget is None:
+        if form == "ball":
+            raise ConfigError("anchor.budget_form=ball needs anchor.budget=ε, the radius of the ball (a relative "
+                              "drift, e.g. 0.01; 0 keeps the top-k block at W0)")
+        return
+    eps = a.budget
+    ball = form == "ball"
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps < 0 or \
+            (eps == 0 and not ball):
+        raise ConfigError(f"anchor.budget must be a relative drift ε > 0 (e.g. 0.01 = 1 % of ‖σ_k‖; 0 only with "
+                          f"anchor.budget_form=ball), got {eps!r}")
+    scopes = BALL_SCOPES if ball else SCOPES
+    if a.budget_scope not in scopes:
+        raise ConfigError(f"anchor.budget_scope must be all, type or matrix, got {a.budget_scope!r}"
+                          f"{_did_you_mean(a.budget_scope, scopes)}" if ball else
+                          f"anchor.budget_scope must be all or type (matrix only with anchor.budget_form=ball), got "
+                          f"{a.budget_scope!r}{_did_you_mean(a.budget_scope, scopes)}")
+    if ball:
+        return  # the λ keys below belong to the penalty form
+    if not (math.isfinite(a.lam_min) and math.isfinite(a.lam_max)) or a.lam_min <= 0 or a.lam_max < a.lam_min:
+        raise ConfigError(f"anchor.lam_min={a.lam_min:g} and anchor.lam_max={a.lam_max:g} admit no λ for the budget: "
+                          "need 0 < lam_min <= lam_max (a multiplicative controller cannot leave λ = 0)")
+    if not (math.isfinite(a.budget_rate) and a.budget_rate > 0):
+        raise ConfigError(f"anchor.budget_rate must be > 0 (λ changes by at most ×e^±rate per step), got "
+                          f"{a.budget_rate!r}")
+
+
+def checkpoint_checks(t: BaseTrainConfig) -> list[tuple[bool, str]]:
+    """The `(ok, message)` checks of the checkpoint fields of a ``train:`` section (train, rl)."""
+    return [
+        (t.save_steps >= 1, f"train.save_steps must be >= 1, got {t.save_steps}"),
+        (t.save_total_limit is None or t.save_total_limit >= 1,
+         f"train.save_total_limit must be >= 1 or null (keep all), got {t.save_total_limit}"),
+        (isinstance(t.keep_optimizer_state, bool),
+         f"train.keep_optimizer_state must be true or false, got {t.keep_optimizer_state!r}"),
+    ]
 
 
 def nan_policy_checks(t: BaseTrainConfig) -> list[tuple[bool, str]]:
@@ -351,7 +480,16 @@ def anchor_checks(a: AnchorConfig) -> list[tuple[bool, str]]:
                                                           f"{a.mode!r}"),
         (a.frame_dtype in ("fp32", "bf16", "fp16"), f"anchor.frame_dtype must be fp32, bf16 or fp16, got "
                                                     f"{a.frame_dtype!r}"),
+        (a.full_rank in FULL_RANK_RULES, f"anchor.full_rank must be l2 (‖W − W0‖² at k = min(m, n), the paper's "
+                                         f"rule) or eq3 (Eq. 3 on the full-rank bases), got {a.full_rank!r}"
+                                         + _did_you_mean(a.full_rank, FULL_RANK_RULES)),
     ]
+
+
+def _did_you_mean(value: Any, choices: tuple[str, ...]) -> str:
+    """"; did you mean 'x'?" for the choice closest to ``value`` (case-insensitive), or ""."""
+    close = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def raise_first_failed(checks: list[tuple[bool, str]]) -> None:

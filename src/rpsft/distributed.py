@@ -9,13 +9,22 @@ local gradient shard is 2λ·U_r A V_kᵀ. No rank ever gathers W; each keeps on
 rank), so anchor memory shrinks with the world size like the model does.
 
 Bases once. With several processes, matrix i is decomposed by rank ``owner(i)`` only (greedy balance by SVD cost),
-then broadcast; the cache is written by the owner. The authors' release had every rank decompose every matrix.
+then broadcast, through NCCL on the GPU whenever the group has it (:func:`collective_device`); the cache is written
+by the owner. The authors' release had every rank decompose every matrix.
+
+Rank 0 decides (:func:`main_decides`): what every rank must agree on and only one may do — reading and clearing a
+run directory before ``--resume`` or ``--overwrite`` — runs on rank 0 alone, and the others take its outcome.
 """
 
 from __future__ import annotations
 
+import pickle
+from typing import Callable, TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -87,22 +96,69 @@ def broadcast_(t: torch.Tensor, src: int) -> torch.Tensor:
     return t
 
 
-def _backend_device_types(backend: str) -> set[str]:
-    """Device types a process-group backend string serves: ``nccl`` -> {cuda}; ``gloo`` -> {cpu, cuda};
-    ``cuda:nccl,cpu:gloo`` (what accelerate creates for FSDP2 with FULL_STATE_DICT) -> {cuda, cpu}."""
+def _backend_map(backend: str) -> dict[str, str]:
+    """Device type -> backend of a process-group backend string: ``nccl`` -> {cuda: nccl}; ``gloo`` -> {cpu: gloo,
+    cuda: gloo}; ``cuda:nccl,cpu:gloo`` (what accelerate creates for FSDP2 with a CPU-offload or FULL_STATE_DICT
+    setting) -> {cuda: nccl, cpu: gloo}."""
     backend = backend.lower()
     if ":" in backend:
-        return {part.split(":", 1)[0].strip() for part in backend.split(",") if ":" in part}
-    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu"}}.get(backend, {"cpu", "cuda"})
+        pairs = (part.split(":", 1) for part in backend.split(",") if ":" in part)
+        return {device.strip(): name.strip() for device, name in pairs}
+    devices = {"nccl": ("cuda",), "gloo": ("cpu", "cuda"), "mpi": ("cpu",)}.get(backend, ("cpu", "cuda"))
+    return {device: backend for device in devices}
 
 
 def collective_device(preferred: torch.device, group=None) -> torch.device:
-    """Where a buffer for a collective on ``group`` must live: ``preferred`` when the backend serves that device
-    type, else the backend's device. A DeepSpeed or plain multi-GPU launch creates an NCCL-only group, which has
-    no CPU backend, so a CPU buffer there fails ("No backend type associated with device type cpu")."""
-    types = _backend_device_types(str(dist.get_backend(group)))
-    if preferred.type in types:
+    """Where a buffer for a collective on ``group`` lives: this process's GPU whenever the group reaches CUDA
+    through NCCL, else ``preferred`` when the backend serves that device type, else the backend's device.
+
+    NCCL first: a DeepSpeed or plain multi-GPU launch creates an NCCL-only group, where a CPU buffer fails ("No
+    backend type associated with device type cpu"); and in accelerate's ``cuda:nccl,cpu:gloo`` group a CPU buffer
+    would go through gloo over TCP — the bases of a 7B model are ≈ 7.5 GB — while NCCL moves it GPU to GPU. The
+    caller moves what it receives back to where it keeps it."""
+    backends = _backend_map(str(dist.get_backend(group)))
+    if backends.get("cuda") == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if preferred.type in backends:
         return preferred
-    if "cuda" in types:
+    if "cuda" in backends:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def _portable(e: Exception) -> Exception:
+    """``e`` itself when it survives pickling (the usual case: a ValueError, FileExistsError...), else a
+    RuntimeError with its type and message, so a broadcast never fails on an exception of its own."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+def main_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` on rank 0 only; every other rank waits for its outcome and returns the same value, or raises
+    the same exception. Alone (no process group, or a group of one) it is ``decide()``.
+
+    For what must happen once and be agreed by all: ``--overwrite`` deleting the old run (every rank deleting at
+    once raced: entries vanished under the others' ``rmtree``, a FileNotFoundError) and ``--resume`` choosing the
+    checkpoint (a rank looking while rank 0 rewrites the directory could see another one). The broadcast doubles as
+    the barrier: no rank goes on before rank 0 has finished. Needs the process group started (accelerate's
+    ``PartialState``) when several processes run; one pickled object goes over the default group."""
+    rank, size = world()
+    if size == 1:
+        return decide()
+    if rank == 0:
+        try:
+            box = [(True, decide())]
+        except Exception as e:
+            dist.broadcast_object_list([(False, _portable(e))], src=0)
+            raise
+        dist.broadcast_object_list(box, src=0)
+        return box[0][1]
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

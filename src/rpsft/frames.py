@@ -220,18 +220,25 @@ def get_lean_bases(weight: torch.Tensor, k: int, frame_dtype: torch.dtype, solve
 
 
 def anchor_nbytes(shapes: list[tuple[int, int]], k: int, frame_dtype: torch.dtype | None = None,
-                  full_rank_as: str = "eq3") -> int:
-    """Bytes of a RotationAnchor over ``shapes`` at rank ``k`` (k clipped to min(m, n); a matrix whose term is
-    ‖W − W0‖² keeps fp32 W0, m·n·4 bytes — a square one at full rank, or any at full rank with ``full_rank_as="l2"``):
-    (m + n + 1)·k·4 per matrix with fp32 frames; (m + n)·k·2 + k·4 + k²·2 with bf16/fp16 frames (frames, σ_k, fp16
-    off-diagonal of A_ref; a matrix whose off-diagonal falls back to fp32 adds k²·2)."""
+                  full_rank_as: str = "l2", form: str = "block") -> int:
+    """Bytes of a RotationAnchor over ``shapes`` at rank ``k`` (k clipped to min(m, n)).
+
+    block (Eq. 3): a matrix whose term is ‖W − W0‖² keeps fp32 W0, m·n·4 bytes — every matrix at k = min(m, n)
+    under the paper's rule (``full_rank_as="l2"``, the default), only a square one with ``"eq3"``; the others keep
+    (m + n + 1)·k·4 with fp32 frames, (m + n)·k·2 + k·4 + k²·2 with bf16/fp16 frames (frames, σ_k, fp16
+    off-diagonal of A_ref; a matrix whose off-diagonal falls back to fp32 adds k²·2).
+    complement (fp32 frames only): m·n·4 + (m + n)·k·4 (W0, U_k, V_k; no σ_k), nothing where the block is all of
+    ΔW (the same full-rank rule), m·n·4 at k = 0."""
     total = 0
     for m, n in shapes:
         kk = min(k, m, n)
-        if kk >= min(m, n) and (full_rank_as == "l2" or m == n):
+        whole = kk >= min(m, n) and (full_rank_as == "l2" or m == n)  # the block is all of ΔW
+        if form == "complement":
+            total += 0 if whole else m * n * 4 + (m + n) * kk * 4
+        elif whole:
             total += m * n * 4
         elif frame_dtype is None:
             total += (m + n + 1) * kk * 4
-        else:
+        elif kk:
             total += (m + n) * kk * torch.finfo(frame_dtype).bits // 8 + kk * 4 + kk * kk * 2
     return total

@@ -7,10 +7,21 @@
   ``nan_policy=skip`` the step's gradients are dropped (the optimizer leaves every weight as it was), the step is
   counted (``rpsft/skipped_steps`` in metrics.jsonl) and the run stops once more than ``train.nan_max_skips``
   steps were skipped.
+  Under DeepSpeed the check comes too late to hold the step back: accelerate runs DeepSpeed's optimizer step inside
+  ``backward`` on the window's last micro-batch, and the gradients stay in DeepSpeed's own buffers. There the guard
+  checks the window loss, R and the gradient norm DeepSpeed computed in that step, and ``stop`` guarantees that the
+  run ends at the first non-finite step, before that step's checkpoint is written, so every checkpoint on disk
+  still predates it; whether the weights in memory took the step is DeepSpeed's own overflow check's decision.
+  ``skip`` cannot drop a step DeepSpeed has already taken and is refused there at launch
+  (:func:`rpsft.launch.check_launch`).
 * :class:`CheckpointSealer` writes a ``.rpsft-complete`` marker into ``checkpoint-N`` after Trainer has written
   every file of it (``on_save`` fires after ``_save_checkpoint``), and gives the files the umask's mode.
   :func:`complete_checkpoints` trusts only marked checkpoints, so a kill during a save leaves a checkpoint that
   ``--resume latest`` skips (and says so) instead of one it chokes on.
+* :func:`rotate_checkpoints` keeps the newest ``train.save_total_limit`` sealed checkpoints (the sealer calls it
+  after sealing; an unsealed newer one never makes a sealed one go), and :func:`finish_checkpoints` drops the
+  optimizer state of a run that reached its last step unless ``train.keep_optimizer_state``; resuming such a
+  checkpoint with steps left is refused (:func:`check_resumable`). :func:`disk_use` is what the run leaves on disk.
 * :func:`clear_run_dir` is ``--overwrite``: it deletes what a run writes and nothing else.
 """
 
@@ -21,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -42,7 +54,10 @@ class FiniteGuard(TrainerCallback):
     """Stop (or skip) an optimizer step whose loss, anchor penalty or gradient is not finite (see module doc)."""
 
     def __init__(self, trainer, policy: str = "stop", max_skips: int = 10, run_dir: str | Path | None = None):
-        self.trainer = trainer
+        # Weak: the trainer holds this guard among its callbacks, and a strong reference back would keep the policy,
+        # its optimizer state and TRL's vLLM engine alive after the run, when `rpsft rl` needs that memory for its
+        # after-training evaluation. The caller keeps the trainer for as long as it trains.
+        self._trainer = weakref.ref(trainer)
         self.policy = policy
         self.max_skips = int(max_skips)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -74,6 +89,11 @@ class FiniteGuard(TrainerCallback):
 
         trainer.log = log_with_skips
 
+    @property
+    def trainer(self):
+        """The guarded trainer (None once it has been freed)."""
+        return self._trainer()
+
     def _checked(self, model, penalty: float) -> tuple[float, float, float]:
         """(window loss, penalty, gradient norm), agreed by every rank: one all-reduce and one host sync per step.
 
@@ -84,6 +104,13 @@ class FiniteGuard(TrainerCallback):
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 shards: squares add up
         device = local[0].device if local else (self._window_loss.device if self._window_loss is not None else "cpu")
         sq = torch.stack([g.float().pow(2).sum() for g in local]).sum() if local else torch.zeros((), device=device)
+        engine = self._deepspeed_engine() if not local else None
+        if engine is not None:
+            # the (already global) norm of the step DeepSpeed just took; None when it computes none. DeepSpeed
+            # reports an invalid norm as inf (0.19) or as the sentinel -1 (older releases): both are not finite here
+            g = engine.get_global_grad_norm()
+            g = 0.0 if g is None else float(g)
+            sq = torch.tensor(g * g if 0 <= g < math.inf else math.nan, device=device)
         loss = self._window_loss.to(device) if self._window_loss is not None else torch.zeros((), device=device)
         v = torch.stack([loss, torch.tensor(penalty, device=device, dtype=torch.float32), sq.float()])
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
@@ -91,6 +118,12 @@ class FiniteGuard(TrainerCallback):
             torch.distributed.all_reduce(v)
         loss_v, pen_v, sq_v = v.tolist()
         return loss_v, pen_v, math.sqrt(sq_v) if sq_v >= 0 else sq_v
+
+    def _deepspeed_engine(self):
+        """The DeepSpeed engine training the guarded trainer's model (None without DeepSpeed)."""
+        t = self.trainer
+        engine = getattr(t, "model_wrapped", None) if getattr(t, "is_deepspeed_enabled", False) else None
+        return engine if hasattr(engine, "get_global_grad_norm") else None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1  # the step being taken (global_step counts finished steps)
@@ -136,6 +169,10 @@ class FiniteGuard(TrainerCallback):
             if self.policy == "skip" else ""
         last = latest_complete(self.run_dir)[0] if self.run_dir is not None else None
         kept = f"; last finite checkpoint kept: {last}" if last is not None else "; no checkpoint was written"
+        if self._deepspeed_engine() is not None:  # DeepSpeed stepped inside backward, before this check (module doc)
+            return (f"training stopped at step {step}: {what}. Likely cause: {cause}. DeepSpeed had already run "
+                    f"this step's optimizer update inside backward (its overflow check decides whether the weights "
+                    f"in memory took it); no checkpoint holds this step{kept}")
         return (f"training stopped at step {step}: {what}. Likely cause: {cause}. The weights were not updated with "
                 f"it{kept}{skipped} (train.nan_policy=skip skips such steps instead)")
 
@@ -169,7 +206,16 @@ def fix_modes(root: str | Path) -> None:
 
 
 class CheckpointSealer(TrainerCallback):
-    """Marks ``checkpoint-N`` complete once Trainer has written all of it (``on_save`` runs after the save)."""
+    """Marks ``checkpoint-N`` complete once Trainer has written all of it (``on_save`` runs after the save), then
+    keeps the newest ``keep`` sealed checkpoints (:func:`rotate_checkpoints`; None: all).
+
+    The rotation is ours, not Trainer's (``save_total_limit`` is passed to it as None): Trainer rotates inside
+    ``_save_checkpoint``, before ``on_save`` seals the new checkpoint, and ranks checkpoints by mtime (by step when
+    mtimes are within a second) without knowing which are complete, so it could delete the last sealed checkpoint
+    while the newest one is still unsealed, or keep a torn leftover of a killed session and delete a sound one."""
+
+    def __init__(self, keep: int | None = None):
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -181,6 +227,8 @@ class CheckpointSealer(TrainerCallback):
 
             write_text(ckpt / COMPLETE, json.dumps({"global_step": state.global_step}) + "\n")
             fix_modes(ckpt / COMPLETE)
+        if self.keep is not None:
+            rotate_checkpoints(args.output_dir, self.keep, protect=best_checkpoint(args, state))
 
 
 def _step(p: Path) -> int:
@@ -216,8 +264,7 @@ def latest_complete(output_dir: str | Path | None) -> tuple[Path | None, list[Pa
     """The newest complete ``checkpoint-N`` in ``output_dir`` and the newer, incomplete ones it skipped."""
     if output_dir is None:
         return None, []
-    ckpts = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-                   key=_step, reverse=True)
+    ckpts = checkpoint_dirs(output_dir)
     marked = any((p / COMPLETE).is_file() for p in ckpts)
     skipped = []
     for p in ckpts:
@@ -225,6 +272,194 @@ def latest_complete(output_dir: str | Path | None) -> tuple[Path | None, list[Pa
             return p, skipped
         skipped.append(p)
     return None, skipped
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-N`` directory in ``output_dir``, newest step first."""
+    return sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                  key=_step, reverse=True)
+
+
+# ----------------------------------------------------------------------- checkpoint rotation and disk use
+# What Trainer (transformers 5) writes into checkpoint-N besides the weights, trainer_state.json, the RNG states and
+# rpsft_budget.json: the optimizer state (torch: optimizer.pt; accelerate FSDP: optimizer.bin or an optimizer_0/
+# directory; XLA FSDP: rank*-of-*-optimizer.pt), the LR scheduler and the AMP grad scaler. For an AdamW run in fp32
+# this is twice the weights (the two moments), so a checkpoint is three times the model.
+OPTIMIZER_STATE = ("optimizer*", "rank*-of-*-optimizer.pt", "scheduler.pt", "scaler.pt")
+# DeepSpeed: global_stepN/ holds the ZeRO optimizer partitions (and its own copy of the model states), `latest` names
+# it and zero_to_fp32.py rebuilds fp32 weights from it.
+DEEPSPEED_STATE = ("global_step*", "latest", "zero_to_fp32.py")
+WEIGHTS = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+           "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def _nbytes(p: Path) -> int:
+    """Bytes of the file ``p`` or of every file under the directory ``p`` (symbolic links not followed)."""
+    if p.is_symlink():
+        return 0
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _optimizer_entries(ckpt: Path) -> list[Path]:
+    """The optimizer, scheduler and scaler state in ``ckpt``: what :func:`drop_optimizer_state` deletes."""
+    entries = list(ckpt.iterdir())
+    deepspeed = [p for p in entries if _matches(p.name, DEEPSPEED_STATE)]
+    if deepspeed and not any(p.is_file() and _matches(p.name, WEIGHTS) for p in entries):
+        return []  # ZeRO-3 without gathered 16-bit weights: global_stepN/ is the only copy of the model, keep it all
+    return [p for p in entries if _matches(p.name, OPTIMIZER_STATE)] + deepspeed
+
+
+def _holds_optimizer_state(ckpt: Path) -> bool:
+    return any(_matches(p.name, OPTIMIZER_STATE + DEEPSPEED_STATE) for p in ckpt.iterdir())
+
+
+def best_checkpoint(args, state) -> tuple[str, ...]:
+    """The best checkpoint, when Trainer loads it at the end of training (``load_best_model_at_end``)."""
+    best = getattr(state, "best_model_checkpoint", None)
+    return (best,) if best and getattr(args, "load_best_model_at_end", False) else ()
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int | None, protect: tuple | list = ()) -> list[Path]:
+    """Keep the newest ``keep`` complete (sealed) checkpoints of ``output_dir`` (``train.save_total_limit``; None:
+    keep every checkpoint) and delete the older ones; returns what was deleted.
+
+    Only complete checkpoints count, in step order: an incomplete one newer than the newest complete one (a
+    leftover of a killed session, re-written when the run gets there again) is left alone and never makes a
+    complete one go; an incomplete one older than it can never be resumed from and is deleted. ``protect`` names
+    checkpoints kept whatever their age (the best one, when Trainer loads it at the end)."""
+    if keep is None:
+        return []
+    if keep < 1:
+        raise ValueError(f"train.save_total_limit must be >= 1 or null (keep all), got {keep}")
+    ckpts = checkpoint_dirs(output_dir)
+    marked = any((p / COMPLETE).is_file() for p in ckpts)
+    complete = [p for p in ckpts if is_complete(p, marked)]
+    if not complete:
+        return []
+    kept = {p.name for p in complete[:keep]} | {Path(p).name for p in protect}
+    newest = _step(complete[0])
+    doomed = [p for p in ckpts if p.name not in kept and (p in complete or _step(p) < newest)]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+def drop_optimizer_state(ckpt: str | Path) -> int:
+    """Delete the optimizer, scheduler and scaler state of the complete checkpoint ``ckpt`` and record that in its
+    seal (``"optimizer_state": "deleted"``, which :func:`check_resumable` reads); returns the bytes freed."""
+    ckpt = Path(ckpt)
+    entries = _optimizer_entries(ckpt)
+    if not entries:
+        return 0
+    freed = sum(_nbytes(p) for p in entries)
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    from .fileio import write_text
+
+    seal = ckpt / COMPLETE
+    try:
+        info = json.loads(seal.read_text()) if seal.is_file() else {}
+    except ValueError:
+        info = {}
+    info = {**(info if isinstance(info, dict) else {}), "global_step": _step(ckpt), "optimizer_state": "deleted"}
+    write_text(seal, json.dumps(info) + "\n")
+    fix_modes(seal)
+    return freed
+
+
+def finish_checkpoints(output_dir: str | Path, keep: int | None, keep_optimizer_state: bool,
+                       protect: tuple | list = ()) -> int:
+    """The checkpoints of a run that reached its last step: the newest ``keep`` complete ones (None: all of them,
+    incomplete ones too) and, unless ``keep_optimizer_state``, without their optimizer state. Incomplete ones are
+    deleted when ``keep`` is set: nothing resumes from them once the run is finished. Returns the bytes freed."""
+    before = sum(_nbytes(p) for p in checkpoint_dirs(output_dir))
+    rotate_checkpoints(output_dir, keep, protect)
+    marked = any((p / COMPLETE).is_file() for p in checkpoint_dirs(output_dir))
+    for p in checkpoint_dirs(output_dir):
+        if not is_complete(p, marked):
+            if keep is not None:
+                shutil.rmtree(p, ignore_errors=True)
+        elif not keep_optimizer_state:
+            drop_optimizer_state(p)
+    return before - sum(_nbytes(p) for p in checkpoint_dirs(output_dir))
+
+
+def optimizer_state_deleted(ckpt: str | Path) -> bool:
+    """Whether :func:`drop_optimizer_state` emptied ``ckpt`` (as its seal records)."""
+    seal = Path(ckpt) / COMPLETE
+    try:
+        info = json.loads(seal.read_text()) if seal.is_file() else {}
+    except ValueError:
+        return False
+    return isinstance(info, dict) and info.get("optimizer_state") == "deleted"
+
+
+def check_resumable(ckpt: str | Path, max_steps: int = -1) -> None:
+    """Refuse to train on from ``ckpt`` when its optimizer state was deleted at the end of its run and steps are
+    left to take (``max_steps``; <= 0: the total recorded in the checkpoint). Trainer would go on with fresh AdamW
+    moments and a restarted learning-rate schedule without a word, and the loss curve would not be the one an
+    uninterrupted run of that length draws. With no step left, resuming only rewrites the run's summary."""
+    ckpt = Path(ckpt)
+    if not optimizer_state_deleted(ckpt):
+        return
+    state = checkpoint_state(ckpt)
+    step = int(state["global_step"])
+    total = max_steps if max_steps > 0 else int(state.get("max_steps") or 0)
+    if total <= step:
+        return
+    raise CheckpointError(f"cannot resume {ckpt} to step {total}: its run finished at step {step} and the "
+                          "optimizer state was deleted then (train.keep_optimizer_state=false), so training on would "
+                          "restart AdamW and the learning-rate schedule; a run can be extended only if it was "
+                          "trained with --set train.keep_optimizer_state=true, otherwise start a new run from its "
+                          f"weights ({ckpt.parent})")
+
+
+# Files that exist only while a run is live: the run-directory lock, a JSON write's temp file.
+TRANSIENT = (".rpsft.lock", ".*.tmp")
+
+
+def disk_use(output_dir: str | Path) -> dict:
+    """Bytes in the run directory: in all, the final model's weight files, a merged export, each checkpoint (and
+    whether it still holds optimizer state). Apparent file sizes, as ``du --apparent-size`` counts them."""
+    out = Path(output_dir)
+    entries = [p for p in out.iterdir() if not _matches(p.name, TRANSIENT)] if out.is_dir() else []
+    disk = {"bytes": sum(_nbytes(p) for p in entries),
+            "model_bytes": sum(_nbytes(p) for p in entries if p.is_file() and _matches(p.name, WEIGHTS)),
+            "checkpoints": {p.name: {"bytes": _nbytes(p), "optimizer_state": _holds_optimizer_state(p)}
+                            for p in reversed(checkpoint_dirs(out))}}
+    if (out / "merged").is_dir():
+        disk["merged_bytes"] = _nbytes(out / "merged")
+    return disk
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in binary units, three significant figures at most (``514 MiB``, ``1.5 GiB``, ``12.3 KiB``)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}"
+    return f"{n} B"
+
+
+def disk_line(disk: dict, output_dir: str | Path) -> str:
+    """One line for the end of a run: ``disk: 1.0 GiB in runs/demo (model 514 MiB, checkpoint-18 514 MiB without
+    optimizer state, other 3.5 MiB)``."""
+    parts = [f"model {human_bytes(disk['model_bytes'])}"]
+    if "merged_bytes" in disk:
+        parts.append(f"merged {human_bytes(disk['merged_bytes'])}")
+    for name, c in disk["checkpoints"].items():
+        parts.append(f"{name} {human_bytes(c['bytes'])} {'with' if c['optimizer_state'] else 'without'} "
+                     "optimizer state")
+    other = disk["bytes"] - disk["model_bytes"] - disk.get("merged_bytes", 0) \
+        - sum(c["bytes"] for c in disk["checkpoints"].values())
+    parts.append(f"other {human_bytes(other)}")
+    return f"disk: {human_bytes(disk['bytes'])} in {output_dir} ({', '.join(parts)})"
 
 
 # --------------------------------------------------------------------------------------------- safe overwrite
@@ -252,16 +487,16 @@ def clear_run_dir(out: Path, mode: bool | str) -> None:
     """``--overwrite``: delete what a run writes in ``out``; anything else is refused unless ``mode == "all"``."""
     if not out.exists():
         return
-    if str(mode) == "all":
-        shutil.rmtree(out)
-        return
-    entries = sorted(out.iterdir())
-    foreign = [p for p in entries if not _written_by_run(p)]
+    from .runlock import LOCK_NAME
+
+    # the run lock is this run's own (runlock.py): deleting it, even with "all", would let a second process in
+    entries = sorted(p for p in out.iterdir() if p.name != LOCK_NAME)
+    foreign = [p for p in entries if not _written_by_run(p)] if str(mode) != "all" else []
     if foreign:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in foreign[:8])
         more = f" and {len(foreign) - 8} more" if len(foreign) > 8 else ""
         raise FileExistsError(f"--overwrite refuses to delete {out}: it also holds files a run does not write "
-                              f"({names}{more}); move them, choose another output_dir, or pass --overwrite=all "
+                              f"({names}{more}); move them, choose another output_dir, or pass --overwrite-all "
                               "to delete the whole directory")
     for p in entries:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -5,7 +5,8 @@ SmolLM2-135M-Instruct as a Q4_1 GGUF. transformers can read GGUF, but the result
 (and dequantizing on every load costs seconds), so the first use converts it once into a plain fp32
 ``LlamaForCausalLM`` checkpoint (safetensors) under the user's cache directory. Every later load is a plain
 ``from_pretrained`` of that directory. Any other name is passed to ``from_pretrained`` unchanged (a local
-directory or a hub id).
+directory or a hub id); a local directory is checked first (:func:`check_checkpoint_dir`: a torn config.json or
+safetensors file, missing weights, an unfinished run), so that it fails in one line instead of a loader traceback.
 
 Provenance: the embedded checkpoint is the Q4_1-quantised model de-quantised to fp32 (the 210 projection
 matrices are Q4_1, the tied embedding Q8_0), not the original bf16 weights; every weight-dependent number the
@@ -111,13 +112,18 @@ def resolve(name_or_path: str) -> str:
             with _conversion_status(target):
                 _convert_gguf(_gguf_path(package, filename), target)
         return str(target)
+    return check_model_path(name_or_path)
+
+
+def check_model_path(name_or_path: str) -> str | None:
+    """What :func:`resolve` checks of a name, without converting anything (cheap enough for any preflight): None
+    for an embedded name; a local directory after :func:`check_checkpoint_dir`; a hub id as it is; anything else
+    (a missing path, a bare word) is a ``FileNotFoundError`` of one line."""
+    if str(name_or_path).lower() in EMBEDDED:
+        return None
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json: pass a checkpoint directory written by save_pretrained / "
-                f"`rpsft train`, or one of the embedded names {sorted(EMBEDDED)}"
-            )
+        check_checkpoint_dir(path)
         return str(path)
     s = str(name_or_path)
     if s.startswith(("/", ".", "~")) or s.count("/") > 1 or s.endswith("/"):  # a path, never a hub id owner/name
@@ -129,6 +135,108 @@ def resolve(name_or_path: str) -> str:
             f"embedded: {sorted(EMBEDDED)}"
         )
     return str(name_or_path)
+
+
+# what from_pretrained can load weights from (training_args.bin, which every run dir holds, is not among them)
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+                "flax_model.msgpack", "adapter_config.json")
+# safetensors refuses headers above 100 MB (its MAX_HEADER_SIZE): a larger length is not a safetensors file at all
+_MAX_HEADER = 100_000_000
+
+
+def _safetensors_problem(f: Path) -> str | None:
+    """Why ``f`` cannot be a whole safetensors file, from its header alone (a few KB read): the 8-byte header
+    length, the JSON header, and the end of its last tensor against the file's size (a copy cut short)."""
+    import json
+
+    size = f.stat().st_size
+    with open(f, "rb") as h:
+        head = h.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > _MAX_HEADER:
+            return f"{f} is not a safetensors file ({size} bytes, no valid header length)"
+        if 8 + n > size:
+            return f"{f} is truncated ({size} bytes; its header alone is {8 + n})"
+        try:
+            header = json.loads(h.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            return f"{f} has a corrupt header ({type(e).__name__}: {e})"
+    if 8 + n + end > size:
+        return f"{f} is truncated ({size} bytes; its header describes {8 + n + end})"
+    return None
+
+
+def _unfinished_run(path: Path) -> str | None:
+    """For a run directory of ``rpsft train`` / ``rpsft rl`` that never wrote its run.json (killed or failed
+    before or during its final export): the command that finishes it, and its last sealed checkpoint."""
+    if not (path / "config.yaml").is_file() or (path / "run.json").is_file() \
+            or not ((path / "metrics.jsonl").is_file() or any(path.glob("checkpoint-*"))):
+        return None
+    import yaml
+
+    from .guards import latest_complete
+
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    command = "rpsft rl" if isinstance(saved, dict) and "dapo" in saved else "rpsft train"
+    last = latest_complete(path)[0]
+    return (f"`{command} --config {path / 'config.yaml'} --resume latest` finishes it"
+            + (f", or pass its last sealed checkpoint {last}" if last is not None else ""))
+
+
+def check_checkpoint_dir(path: str | Path) -> None:
+    """Refuse, in one line and before anything loads, a local checkpoint directory that ``from_pretrained`` would
+    fail on with a traceback: no config.json or a torn one, no weights, a shard of the index missing, a truncated or
+    corrupt safetensors file (:func:`_safetensors_problem`). A run directory without its run.json is named as an
+    unfinished run, with the command that finishes it."""
+    import json
+
+    path = Path(path)
+    unfinished = _unfinished_run(path) if path.is_dir() else None
+    problem, missing = None, False
+    config = path / "config.json"
+    if not config.is_file():
+        if unfinished is None:
+            raise FileNotFoundError(
+                f"{path} has no config.json: pass a checkpoint directory written by save_pretrained / "
+                f"`rpsft train`, or one of the embedded names {sorted(EMBEDDED)}"
+            )
+        problem, missing = f"{path} has no config.json", True
+    else:
+        try:
+            json.loads(config.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            where = f", line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            problem = f"{config} is truncated or not valid JSON ({getattr(e, 'msg', e)}{where})"
+    index = path / "model.safetensors.index.json"
+    if problem is None and index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            problem = f"{index} is truncated or not a weight index ({type(e).__name__}: {e})"
+        else:
+            gone = [name for name in shards if not (path / name).is_file()]
+            if gone:
+                problem, missing = f"{index} lists {gone[0]}, which is missing", True
+            else:
+                problem = next(filter(None, (_safetensors_problem(path / name) for name in shards)), None)
+    elif problem is None and (path / "model.safetensors").is_file():
+        problem = _safetensors_problem(path / "model.safetensors")
+    elif problem is None and not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        problem, missing = f"{path} has no model weights (model.safetensors, a sharded index or pytorch_model.bin)", \
+            True
+    if problem is None and unfinished is not None and not any(path.glob("tokenizer*")):
+        problem, missing = f"{path} has no tokenizer files", True  # killed between the weights and the tokenizer
+    if problem is None:
+        return
+    error = FileNotFoundError if missing else ValueError
+    if unfinished is not None:
+        raise error(f"{path} is an unfinished run (stopped before its final export was written: {problem}); "
+                    f"{unfinished}")
+    raise error(f"{problem}; copy the checkpoint again, or save it again with save_pretrained")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -5,84 +5,12 @@ directory. Each failure is one line naming the bad input and the fix (the CLI tu
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, nan_policy_checks, raise_first_failed
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def check_values(cfg: Config) -> None:
-    """Ranges and finiteness of every value (``lr=inf`` and ``lam=inf`` included); normalises ``anchor.rank``
-    written as a float with an integer value (``1e3`` on the command line) to the int k it means."""
-    t, a, d = cfg.train, cfg.anchor, cfg.data
-    if isinstance(a.rank, float) and a.rank > 1:
-        if not a.rank.is_integer():
-            raise ConfigError(f"anchor.rank={a.rank}: give an int k (e.g. 768) or a fraction of min(m, n) in (0, 1]")
-        a.rank = int(a.rank)
-    checks = [
-        (_finite(t.lr), f"train.lr must be a finite number > 0, got {t.lr}"),
-        (_finite(a.lam), f"anchor.lam must be a finite number >= 0, got {a.lam}"),
-        (_finite(t.epochs) and t.epochs >= 0, f"train.epochs must be a finite number >= 0, got {t.epochs}"),
-        (_finite(t.warmup_ratio) and 0 <= t.warmup_ratio < 1 or (t.warmup_ratio >= 1 and
-                                                                  float(t.warmup_ratio).is_integer()),
-         f"train.warmup_ratio must be a fraction in [0, 1) (or a whole number of steps), got {t.warmup_ratio}"),
-        (_finite(t.weight_decay) and t.weight_decay >= 0, f"train.weight_decay must be finite and >= 0, got "
-                                                          f"{t.weight_decay}"),
-        (_finite(t.max_grad_norm) and t.max_grad_norm >= 0, f"train.max_grad_norm must be finite and >= 0 (0 = no "
-                                                            f"clipping), got {t.max_grad_norm}"),
-        (t.logging_steps >= 1, f"train.logging_steps must be >= 1, got {t.logging_steps}"),
-        (t.save_steps >= 1, f"train.save_steps must be >= 1, got {t.save_steps}"),
-        (t.save_total_limit is None or t.save_total_limit >= 1,
-         f"train.save_total_limit must be >= 1 or null (keep all), got {t.save_total_limit}"),
-        (t.max_steps == -1 or t.max_steps >= 1, f"train.max_steps must be >= 1 (or -1: use train.epochs), got "
-                                                f"{t.max_steps}"),
-        *nan_policy_checks(t),
-        (d.limit is None or d.limit >= 1, f"data.limit must be >= 1 (first N rows) or null (all rows), got {d.limit}"),
-        (bool(str(cfg.output_dir).strip()), "output_dir is empty; give the directory the run is written to"),
-        (bool(str(d.train).strip()), "data.train is empty; give a JSONL/JSON file or a hub dataset name"),
-        (bool(str(cfg.model.name).strip()), "model.name is empty; give an embedded name, a checkpoint directory or "
-                                            "a hub id"),
-        (len(a.targets) > 0, "anchor.targets is empty; name at least one module pattern, e.g. q_proj"),
-        (a.niter >= 1, f"anchor.niter must be >= 1, got {a.niter}"),
-        (cfg.lora.r >= 1, f"lora.r must be >= 1, got {cfg.lora.r}"),
-        (_finite(cfg.lora.alpha) and cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}"),
-        (_finite(cfg.lora.dropout) and 0 <= cfg.lora.dropout < 1, f"lora.dropout must lie in [0, 1), got "
-                                                                   f"{cfg.lora.dropout}"),
-        (len(cfg.lora.targets) > 0, "lora.targets is empty; name at least one module pattern, e.g. q_proj"),
-        (_finite(cfg.iw.temperature), f"iw.temperature must be finite, got {cfg.iw.temperature}"),
-        (_finite(cfg.iw.w_max) and cfg.iw.w_max > 0, f"iw.w_max must be finite and > 0, got {cfg.iw.w_max}"),
-    ]
-    raise_first_failed(checks)
-    from .models import parse_dtype
-
-    for key, value in (("model.dtype", cfg.model.dtype), ("anchor.dtype", a.dtype)):
-        try:
-            parse_dtype(value)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e}") from None
-    _check_rank_syntax(a.rank)
-    from .selection import parse_layers
-
-    parse_layers(a.layers)
-
-
-def _check_rank_syntax(rank: Any) -> None:
-    """The rank spec's own errors (not a number, a fraction out of range, a missing rank file) without a model."""
-    from .selection import SelectionError, resolve_ranks
-
-    if isinstance(rank, dict) or (isinstance(rank, str) and rank.startswith("@")):
-        return  # a mapping or a rank file is checked against the real parameter names (check_targets)
-    try:
-        resolve_ranks([("probe.weight", (4096, 4096))], rank)
-    except SelectionError as e:
-        raise ConfigError(f"anchor.{e}" if str(e).startswith("rank") else str(e)) from None
+from .config import Config, check_values  # noqa: F401  (the value checks live with the schema, in config.py)
 
 
 def local_model_dir(name: str) -> Path | None:
@@ -99,16 +27,16 @@ def local_model_dir(name: str) -> Path | None:
 
 def check_targets(cfg: Config, anchored: bool) -> None:
     """Targets, layers and ranks against the checkpoint's parameter names and shapes, from its config.json on the
-    meta device (no weights read): a typo fails in a second, before the model loads and before config.yaml."""
-    if not anchored:
-        return
-    d = local_model_dir(cfg.model.name)
-    if d is None:
-        return  # a hub id: its config is not local; the same checks run after the model loads
+    meta device (no weights read): a typo fails in a second, before the model loads and before config.yaml. The
+    model directory itself is checked for every method (:func:`rpsft.models.check_model_path`: a truncated
+    config.json or safetensors file, an unfinished run)."""
+    d = local_model_dir(cfg.model.name)  # every method: a missing or torn model directory is one line here
+    if not anchored or d is None:
+        return  # no anchor to check; or a hub id: its config is not local, the checks run after the model loads
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .selection import resolve_ranks, select_matrices
+    from .selection import candidate_matrices, resolve_ranks, select_matrices
 
     try:
         mcfg = AutoConfig.from_pretrained(d, trust_remote_code=cfg.model.trust_remote_code)
@@ -118,7 +46,8 @@ def check_targets(cfg: Config, anchored: bool) -> None:
     except Exception:  # an architecture we cannot build empty: the checks run after loading instead
         return
     matrices = select_matrices(meta, cfg.anchor.targets, cfg.anchor.layers)
-    resolve_ranks([(n, tuple(p.shape)) for n, p in matrices], cfg.anchor.rank)
+    resolve_ranks([(n, tuple(p.shape)) for n, p in matrices], cfg.anchor.rank,
+                  known=[n for n, _ in candidate_matrices(meta)])
 
 
 def check_data_path(source: str) -> None:

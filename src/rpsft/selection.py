@@ -160,18 +160,41 @@ def load_rank_file(path: str | Path) -> dict:
     return data
 
 
-def resolve_ranks(matrices: list[tuple[str, tuple[int, int]]], rank: Any) -> dict[str, int]:
+def unmatched_keys(rank: dict, names: list[str]) -> list[str]:
+    """The keys of a rank mapping (``"*"`` aside) that name no matrix in ``names``, exactly or as a pattern."""
+    return [key for key in rank if key != "*" and key not in names
+            and not any(pattern_matches(str(key), n) for n in names)]
+
+
+def resolve_ranks(matrices: list[tuple[str, tuple[int, int]]], rank: Any,
+                  known: Iterable[str] | None = None) -> dict[str, int]:
     """k per matrix name from an int / fraction / mapping / '@file.json' spec.
 
     A rank map file (``"@ranks.json"``, or ``{"@": "ranks.json", "*": 128}`` for a uniform k elsewhere) may
     cover only some of the selected matrices (``rpsft analyze energy --matrices q_proj --layers 0``): the
-    others fall back to the mapping's ``"*"`` entry, or are left unanchored (k = 0); the log says which."""
+    others fall back to the mapping's ``"*"`` entry, or are left unanchored (k = 0); the log says which.
+
+    Every key of a mapping but ``"*"`` must name a matrix of the model (``known``: every 2-D weight's name,
+    default the selected ones): a key may cover a matrix outside the selection (a whole-model map used with
+    ``anchor.layers``), but one that matches nothing is a typo or a map written for another model, and is
+    refused with the closest real names; quietly, such a map would anchor nothing and train plain SFT."""
     from_file = None
     if isinstance(rank, str) and rank.startswith("@"):
         from_file, rank = rank[1:], load_rank_file(rank)
     elif isinstance(rank, dict) and "@" in rank:
         from_file = str(rank["@"]).lstrip("@")
         rank = {**load_rank_file(from_file), **{k: v for k, v in rank.items() if k != "@"}}
+    if isinstance(rank, dict):
+        names = list(known) if known is not None else [n for n, _ in matrices]
+        bad = unmatched_keys(rank, names)
+        if bad:
+            close = list(dict.fromkeys(c for key in bad for c in difflib.get_close_matches(str(key), names, n=1,
+                                                                                          cutoff=0.0)))
+            more = f" (and {len(bad) - 6} more)" if len(bad) > 6 else ""
+            source = f" in {from_file}" if from_file is not None else ""
+            raise SelectionError(
+                f"rank map keys {bad[:6]}{more}{source} match no matrix of the model (closest real names: "
+                f"{close[:6]}); fix the keys, or write a map for this model with `rpsft analyze energy --model MODEL`")
     if isinstance(rank, dict) and from_file is not None:
         absent = [n for n, _ in matrices if n not in rank
                   and not any(p != "*" and pattern_matches(p, n) for p in rank)]

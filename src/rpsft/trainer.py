@@ -22,15 +22,33 @@ Under DeepSpeed ZeRO-1/2 DeepSpeed owns the gradient buffers, so λR is added to
 micro-batch instead (``compute_loss``, autograd mode); ZeRO-3 partitions the weights themselves and is refused.
 Both overrides call ``super()``, so they compose with a trainer's own ``compute_loss``/``training_step`` (TRL's
 GRPOTrainer times its steps in ``training_step`` and computes its DAPO loss in ``compute_loss``).
+
+The hard budget (``anchor.budget_form=ball``, :class:`rpsft.budget.BallBudget`) acts on the weights, not the
+gradient: it projects them back into d ≤ ε right *after* ``optimizer.step()``, from the ``on_optimizer_step``
+callback, which transformers 5 fires on every process after every optimizer step (before the scheduler, logging
+and checkpointing, so a saved checkpoint holds projected weights). No penalty pass runs then (λ = 0). Under
+DeepSpeed the weights the optimizer updates are its own fp32 masters, out of reach: refused.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .anchor import RotationAnchor
-from .budget import BudgetController, BudgetStateCallback, weighted_sum
+from .budget import BALL_DEEPSPEED, BudgetController, BudgetStateCallback, weighted_sum
+
+
+class BallProjection(TrainerCallback):
+    """After every optimizer step, on every process: the trainer's ball budget projects its anchored blocks."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        t.anchor_budget.project(t.anchor, t.anchor_model())
 
 
 class AnchorMixin:
@@ -56,8 +74,20 @@ class AnchorMixin:
         self.anchor_budget = anchor_budget if self.anchor is not None else None
         self._weighted: list[float] = []  # λ_t·R_t of each anchored step (λ varies under a budget)
         if self.anchor_budget is not None:
-            self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
+            self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)  # 0 for the ball: no penalty pass
             self.add_callback(BudgetStateCallback(self.anchor_budget))  # its state goes into every checkpoint
+            if self.anchor_budget.form == "ball":
+                self._check_ball()
+                self.add_callback(BallProjection(self))
+
+    def _check_ball(self) -> None:
+        """The ball rewrites dense weights after the optimizer step: refuse where that cannot reach them."""
+        if getattr(self.accelerator.state, "deepspeed_plugin", None) is not None:
+            raise ValueError(BALL_DEEPSPEED)
+        if not hasattr(self.anchor, "project_ball_"):
+            raise ValueError(f"anchor.budget_form=ball projects dense weights, and this anchor "
+                             f"({type(self.anchor).__name__}) is not on them (an adapter's W0 + s·BA); use "
+                             "anchor.budget_form=penalty")
 
     def restore_anchor_budget(self, checkpoint) -> bool:
         """Continue the budget's λ trajectory from a checkpoint directory (False: no budget, or none saved there)."""

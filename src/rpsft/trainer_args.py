@@ -14,8 +14,11 @@ from typing import Any
 
 from .config import ConfigError
 
-# Keys rpsft owns: the run directory is the top-level output_dir, so a checkpoint, config.yaml and run.json agree.
-MANAGED = {"output_dir": "set the top-level output_dir instead"}
+# Keys rpsft owns: the run directory is the top-level output_dir, so a checkpoint, config.yaml and run.json agree;
+# which checkpoints stay is train.save_total_limit.
+MANAGED = {"output_dir": "set the top-level output_dir instead",
+           # rpsft deletes old checkpoints itself, after the new one is sealed (guards.rotate_checkpoints)
+           "save_total_limit": "set train.save_total_limit instead (null keeps every checkpoint)"}
 
 
 def trainer_fields(config_cls) -> list[str]:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rpsft.analysis._common import WeightReader, completion_nll, encode_records, matrix_names, prompt_texts
@@ -15,6 +16,7 @@ def test_encoding_marks_completion_tokens(tiny):
     assert tok.decode(e.input_ids[e.completion_start:]).startswith("Two plus three is five.")
 
 
+@pytest.mark.numerics
 def test_completion_nll_matches_hf_loss_and_ignores_padding(tiny):
     from rpsft.models import load_model
 
@@ -41,6 +43,7 @@ def test_weight_reader_and_meta_selection(tiny):
     torch.testing.assert_close(w - b, tiny["delta"][names[0][0]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_weight_reader_merges_peft_adapter(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 

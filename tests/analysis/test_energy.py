@@ -25,6 +25,7 @@ def _brute(W, grads):
 
 
 @pytest.mark.parametrize("shape", [(9, 9), (12, 7), (6, 11)])
+@pytest.mark.numerics
 def test_curve_equals_brute_force_projection(shape):
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     grads = _grads(shape, 5, 1)
@@ -34,6 +35,7 @@ def test_curve_equals_brute_force_projection(shape):
     assert c.x[-1] == 1.0 and c.x[0] == pytest.approx(1 / min(shape) ** 2)
 
 
+@pytest.mark.numerics
 def test_share_is_one_at_full_rank_for_square():
     W = torch.randn(10, 10, generator=torch.Generator().manual_seed(2))
     c = energy_curve(W, _grads((10, 10), 3, 3))
@@ -63,6 +65,7 @@ def test_prefix_share_is_block_sum():
         prefix_share(P, 0.0)
 
 
+@pytest.mark.numerics
 def test_gradient_energy_on_tiny_model_uses_per_sample_gradients(tiny):
     from rpsft.analysis._common import completion_nll
     from rpsft.models import load_model

@@ -6,6 +6,7 @@ from rpsft.analysis.first_order import inner_products, mean_gradient, per_layer
 from rpsft.selection import select_matrices
 
 
+@pytest.mark.numerics
 def test_inner_products_and_mean_gradient(tiny):
     from rpsft.models import load_model
     model, tok = load_model(tiny["base"])

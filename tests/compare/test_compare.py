@@ -86,6 +86,21 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
     assert "id:synth-math" in rows["base"]
     skipped = json.loads((out / "stages" / "base" / "eval-id.json").read_text())["skipped"]
     assert "gsm8k-nowhere.jsonl" in skipped
+    # every tuned point's ΔW split into the blocks of the base's top-k frame, at the training config's k (4)
+    from rpsft.analysis.blocks import run_blocks
+
+    direct = run_blocks(str(tiny_model_dir), [summary["rows"][1]["model"]], rank=4)["checkpoints"][0]["all"]["energy"]
+    b = rows[summary["rows"][1]["run"]]["blocks"]
+    assert b["rank"] == 4 and rows["base"]["blocks"] is None and (out / "blocks.png").is_file()
+    assert (b["A"], b["BC"], b["D"], b["total"]) == (direct["A"], direct["B"] + direct["C"], direct["D"],
+                                                      direct["total"])
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert all(p["blocks"]["total"] > 0 for p in frontier["points"] if p["point"] != "base")
+    kl = {a["block"]: a for a in frontier["block_association"] if a["measure"] == "probe_kl"}
+    assert set(kl) == {"A", "BC", "D", "total"} and kl["total"]["n"] == 3
+    assert frontier["block_association"] == summary["block_association"]
+    md = (out / "table.md").read_text()
+    assert "## Where the drift went" in md and "## Forgetting against where the drift went" in md
     table = render_table(summary)
     assert table.splitlines()[0].startswith("| run | k | id:synth-math")
     assert "paper protocol" in table  # the OOD multiple-choice protocol is named under the table
@@ -106,7 +121,8 @@ def test_pipeline_end_to_end_and_resume(tmp_path, tiny_model_dir, synth_data, mo
                        "train_set=[train.lr=5.0e-4]")
     summary = run_compare(changed, log=logs.append)
     assert "[bold]train sft[/bold] ..." in logs
-    assert any("inputs changed" in m for m in logs)
+    assert any(m.startswith("[yellow]train sft: its training config changed since") and "lr: 0.0005" in m
+               and m.endswith("training it again from scratch[/yellow]") for m in logs), logs
     steps = [json.loads(x)["step"] for x in (out / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == [1, 2]  # logged once each: a fresh run, not a resumed one appending to the old log
@@ -154,6 +170,14 @@ def test_tradeoff_plot_labels_coincident_runs_once(tmp_path, monkeypatch):
     # panel 1 (ID vs OOD): sft and rpsft coincide, lora has no OOD score; panel 2 (ID vs −KL): all apart
     assert notes == ["base", "sft, rpsft", "base", "sft", "rpsft", "lora"]
 
+
+def test_a_budget_a_run_cannot_use_fails_before_any_training(tmp_path, tiny_model_dir, synth_data):
+    # the ball cannot project rpsft_lora's anchor (W0 + s·BA): train() would refuse that run when its turn came
+    cfg = make_cfg(tmp_path, tiny_model_dir, synth_data, "methods=[{name: rpsft}, {name: rpsft_lora}]",
+                   "train_set=[anchor.budget=0.1, anchor.budget_form=ball]")
+    with pytest.raises(ConfigError, match="method=rpsft_lora anchors W0 \\+ s·BA"):
+        run_compare(cfg, log=lambda m: None)
+    assert not (tmp_path / "out" / "runs").exists()
 
 def test_sweep_grid_names_keys_and_refuses_unknown_keys(tmp_path, tiny_model_dir, synth_data):
     ranks = tmp_path / "ranks.json"

@@ -1,4 +1,5 @@
-"""Paired bootstrap intervals and Pareto-front extraction against known answers."""
+"""One-seed intervals (the paired bootstrap over items), Holm's correction, Pareto-front extraction, the frontier
+plot, curve gaps and paired differences against known answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def test_identical_predictions_give_a_zero_width_interval():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2, 300).astype(float)
     r = paired_delta(a, a.copy())
-    assert r == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "n": 300}
+    assert r == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "p": 1.0, "df": None, "n": 300, "seeds": 1, "seeds_b": None}
 
 
 def test_large_bernoulli_sample_matches_the_normal_interval():
@@ -50,6 +51,24 @@ def test_paired_delta_refuses_unpaired_shapes():
         paired_delta([1, 0, 1], [1, 0])
 
 
+def test_bootstrap_p_counts_both_tails_with_the_plus_one_correction():
+    from rpsft.compare.stats import bootstrap_p
+
+    assert bootstrap_p(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(2 * (1 + 1) / 5)  # P*(Δ* ≤ 0) side
+    assert bootstrap_p(np.full(1999, 0.5)) == pytest.approx(2 / 2000)  # the smallest p with 1999 resamples
+    assert bootstrap_p(np.zeros(100)) == 1.0 and bootstrap_p(np.array([0.0, 1.0])) == 1.0  # capped at 1
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure():
+    from rpsft.compare.stats import holm
+
+    got = holm([0.01, 0.04, None, 0.03, 0.005])
+    # m = 4 (None is no comparison): 0.005 ≤ α/4, 0.01 ≤ α/3, 0.03 > α/2: stop; 0.04 ≤ α alone but is not reached
+    assert [g and g["survives"] for g in got] == [True, False, None, False, True]
+    assert [g and g["p_holm"] for g in got] == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert holm([]) == [] and holm([0.2, 0.9])[1] == {"p_holm": 0.9, "survives": False}
+
+
 def test_pareto_front_on_hand_made_points():
     # (ID gain, forgetting): maximise x, minimise y
     pts = [(0.0, 0.0),   # base: optimal (nothing forgets less)
@@ -63,11 +82,11 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front([(0.1, float("nan")), (0.0, 0.0)]) == [1]
 
 
-def _row(point, family, run, step, gain, kl, final=True, seed=42, method=None):
+def _row(point, family, run, step, gain, kl, final=True, seeds=(42,), method=None, members=None):
     ci = lambda v, h: {"delta": v, "lo": v - h, "hi": v + h, "n": 200}  # noqa: E731
-    return {"point": point, "family": family, "run": run, "step": step, "seed": seed, "final": final,
-            "method": method or family.split()[0], "id_gain": ci(gain, 0.03), "forgetting": ci(kl, 0.01),
-            "pareto": False}
+    return {"point": point, "family": family, "run": run, "step": step, "seeds": list(seeds), "final": final,
+            "members": members or [point], "method": method or family.split()[0], "id_gain": ci(gain, 0.03),
+            "forgetting": ci(kl, 0.01), "pareto": False}
 
 
 def test_frontier_plot_draws_one_curve_per_family_and_the_front(tmp_path, monkeypatch):
@@ -75,25 +94,33 @@ def test_frontier_plot_draws_one_curve_per_family_and_the_front(tmp_path, monkey
 
     from rpsft.compare.frontier import plot_frontier
 
-    rows = [_row("base", "base", "base", 0, 0.0, 0.0),
+    rows = [_row("base", "base", "base", 0, 0.0, 0.0, seeds=()),
             *[_row(f"sft@{s}" if s < 16 else "sft", "sft", "sft", s, g, k, s == 16)
-              for s, g, k in ((4, 0.05, 0.02), (8, 0.12, 0.05), (12, 0.2, 0.09), (16, 0.25, 0.12))],
-            _row("sft-seed43", "sft", "sft-seed43", 16, 0.22, 0.11, seed=43),
+              for s, g, k in ((4, 0.05, 0.02), (8, 0.12, 0.05), (12, 0.2, 0.09))],
+            _row("sft", "sft", "sft", 16, 0.25, 0.12, seeds=(42, 43), members=["sft", "sft-seed43"]),
             *[_row(f"l2init-lam{lam}", "l2init", f"l2init-lam{lam}", 16, g, k)
               for lam, g, k in ((1, 0.24, 0.1), (10, 0.15, 0.04), (100, 0.03, 0.01))],
             _row("l2init-lam10@8", "l2init", "l2init-lam10", 8, 0.08, 0.02, final=False)]
     for j in pareto_front([(r["id_gain"]["delta"], r["forgetting"]["delta"]) for r in rows]):
         rows[j]["pareto"] = True
-    labels = []
-    real = matplotlib.axes.Axes.errorbar
+    # the single seeds of the averaged point; l2init's own point is no average: not drawn twice
+    seed_rows = [_row("sft", "sft", "sft", 16, 0.26, 0.125), _row("sft-seed43", "sft", "sft-seed43", 16, 0.24, 0.115,
+                                                                   seeds=(43,)),
+                 _row("l2init-lam1", "l2init", "l2init-lam1", 16, 0.24, 0.1)]
+    labels, marks = [], []
+    real, real_scatter = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.scatter
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
                         lambda self, x, y, **kw: labels.append((kw.get("label"), len(x))) or real(self, x, y, **kw))
-    plot_frontier(rows, "probe_kl", tmp_path / "f.png")
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, x, y, **kw: marks.append((kw.get("label"), list(x)))
+                        or real_scatter(self, x, y, **kw))
+    plot_frontier(rows, "probe_kl", tmp_path / "f.png", seed_rows)
     assert (tmp_path / "f.png").stat().st_size > 1000
-    # base; SFT's 4 checkpoints as one curve and its other seed apart; L2-Init's 3 finals as one curve, plus the
-    # checkpoint of its λ = 10 run
-    assert ("sft", 4) in labels and ("sft (other seeds)", 1) in labels and ("l2init", 3) in labels
+    # base; SFT's 4 points (3 checkpoints, the 2-seed mean) as one curve, the mean's two seeds as markers;
+    # L2-Init's 3 finals as one curve, plus the checkpoint of its λ = 10 run
+    assert ("sft", 4) in labels and ("l2init", 3) in labels
     assert (None, 1) in labels and ("base", 1) in labels
+    assert ("sft (single seeds)", [26.0, 24.0]) in marks and not any(str(m[0]).startswith("l2init") for m in marks)
     # L2-Init at λ = 10 lies outside SFT's curve (more gain than sft@8 with less KL), and so does its step-8
     # checkpoint against sft@4: both SFT points are off the front
     assert [r["point"] for r in rows if r["pareto"]] == ["base", "sft@12", "sft", "l2init-lam1", "l2init-lam10",
@@ -210,6 +237,12 @@ def test_pair_deltas_are_paired_differences_of_both_measures():
     assert good_vs_8["probe_kl"]["hi"] < 0 and good_vs_8["probe_nll_delta"]["delta"] == pytest.approx(
         2 * good_vs_8["probe_kl"]["delta"])
     assert sft_vs_base["probe_kl"]["delta"] == pytest.approx(mean_kl_of(res, "sft"))  # the base forgets nothing
-    assert same["id"] == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "n": 200}
-    assert "## Paired differences" in render_pairs(rows) and "| good | sft@8 |" in render_pairs(rows)
+    assert same["id"] == {"delta": 0.0, "lo": 0.0, "hi": 0.0, "p": 1.0, "df": None, "n": 200, "seeds": 1,
+                          "seeds_b": None}
+    # one seed each: item intervals; 3 pairs × 3 measures are the comparisons Holm corrects
+    assert good_vs_8["kind"] == "configurations" and good_vs_8["seeds_a"] == [42] and sft_vs_base["seeds_b"] == []
+    assert good_vs_8["holm"]["probe_kl"]["survives"] and not same["holm"]["id"]["survives"]
+    text = render_pairs(rows, 500)
+    assert "## Paired differences" in text and "| good | sft@8 | 42 † |" in text
+    assert "9 comparisons (pairs × measures)" in text and " ✓ |" in text and " ✗ |" in text
     assert render_pairs([]) == ""

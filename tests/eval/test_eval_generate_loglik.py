@@ -28,6 +28,7 @@ def test_sampling_is_seeded(lm):
     assert a == b
 
 
+@pytest.mark.numerics
 def test_cached_context_scoring_equals_full_forward(lm):
     model, tok = lm
     ctx = render_prompts(tok, [[{"role": "user", "content": "Which is a fruit? A. apple B. car"}]])[0]
@@ -57,6 +58,7 @@ def _manual_logprob(model, ctx_ids, cont_ids):
     return float(sum(lp[len(ctx_ids) - 1 + j, t] for j, t in enumerate(cont_ids)))
 
 
+@pytest.mark.numerics
 def test_empty_context_conditions_on_bos_alone_and_batched(lm):
     model, tok = lm
     cont = "apple and more words"

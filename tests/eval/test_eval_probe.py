@@ -45,6 +45,7 @@ def test_probe_detects_a_changed_model_and_decodes_base_once(tiny_dir, tiny_pert
     assert again[1]["kl"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.numerics
 def test_cached_base_logprobs_give_the_probe_s_numbers(tmp_path, tiny_model_dir, few_prompts):
     import torch
 

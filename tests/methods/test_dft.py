@@ -15,6 +15,7 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.numerics
 def test_dft_loss_and_gradient_match_the_formula(make_cfg, helpers):
     trainer = helpers.build_trainer(make_cfg("dft"))
     assert trainer.args.loss_type == "dft"

@@ -15,16 +15,17 @@ from rpsft.methods.rpsft_lora import LoraRotationAnchor
 from rpsft.train import train
 
 # low-rank frames on most matrices; full rank on the square q/o (= ‖s·BA‖², no frame stored) and on the non-square
-# down_proj (Eq. 3 on its full-rank bases, which leaves the part of BA outside W0's row/column space free)
+# down_proj (under anchor.full_rank=eq3, which setup() uses unless told: Eq. 3 on its full-rank bases, which leaves the
+# part of BA outside W0's row/column space free; under the paper's rule ‖s·BA‖² like q/o)
 RANKS = {"q_proj": 1.0, "o_proj": 1.0, "down_proj": 1.0, "*": 4}
 
 
-def setup(make_cfg, tiny_model_dir, *extra):
+def setup(make_cfg, tiny_model_dir, *extra, full_rank_as="eq3"):
     from rpsft.models import load_model
 
     cfg = make_cfg("rpsft_lora", "lora.r=8", "lora.alpha=24", *extra)  # s = 3
     model, _ = load_model(str(tiny_model_dir))
-    dense = RotationAnchor.from_model(model, rank=RANKS)
+    dense = RotationAnchor.from_model(model, rank=RANKS, full_rank_as=full_rank_as)
     peft = wrap_lora(model, cfg)
     torch.manual_seed(1)
     for n, p in peft.named_parameters():  # LoRA starts at B = 0; give both factors real values
@@ -45,6 +46,7 @@ def effective(peft):
     return out
 
 
+@pytest.mark.numerics
 def test_factored_equals_dense_on_the_merged_weight(make_cfg, tiny_model_dir):
     dense, fact, peft = setup(make_cfg, tiny_model_dir)
     assert len(fact) == 14 and sum(t.full for t in fact.terms.values()) == 4
@@ -75,11 +77,26 @@ def test_factored_equals_dense_on_the_merged_weight(make_cfg, tiny_model_dir):
     assert fact.nbytes == dense.nbytes - sum(t.W0.numel() * 4 for t in dense.terms.values() if t.full)
 
 
+@pytest.mark.numerics
+def test_paper_full_rank_rule_on_lora_is_s2_BA2_on_every_full_rank_matrix(make_cfg, tiny_model_dir):
+    # the factored anchor follows the dense anchor's rule: at k = min(m, n) the non-square down_proj is ‖s·BA‖² too
+    dense, fact, peft = setup(make_cfg, tiny_model_dir, full_rank_as="l2")
+    assert fact.full_rank_as == "l2" and sum(t.full for t in fact.terms.values()) == 6
+    fact.accumulate_grad_(peft, 0.0)
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+        mod = peft.get_base_model().get_submodule(name.removesuffix(".weight"))
+        BA = mod.lora_B["default"].weight @ mod.lora_A["default"].weight
+        assert fact.last_sq[name] == pytest.approx(float((3.0 * BA).pow(2).sum()), rel=1e-5)
+    assert fact.nbytes == sum(x.numel() * 4 for t in fact.terms.values() if not t.full for x in t.tensors())
+    assert fact.nbytes == dense.nbytes - sum(t.W0.numel() * 4 for t in dense.terms.values() if t.full)
+
+
 def close(a, b, tol=1e-5):
     """max-abs error within tol of the reference's scale (entry-wise rtol is meaningless for entries near 0)."""
     return float((a - b).abs().max()) <= tol * float(b.abs().max())
 
 
+@pytest.mark.numerics
 def test_closed_form_gradient_equals_autograd(make_cfg, tiny_model_dir):
     dense, fact, peft = setup(make_cfg, tiny_model_dir)
     lora = {n: p for n, p in peft.named_parameters() if "lora_" in n}

@@ -13,6 +13,7 @@ from rpsft.methods.rpsft_lora import LoraRotationAnchor
 from .test_rpsft_lora import RANKS, close, effective
 
 
+@pytest.mark.numerics
 def test_factored_lean_equals_dense_lean(make_cfg, tiny_model_dir):
     from rpsft.models import load_model
 

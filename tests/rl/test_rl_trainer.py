@@ -144,8 +144,10 @@ def test_rl_cli_two_step_run(tiny_model_dir, synth_file, tmp_path):
 
     out = tmp_path / "rl"
     args = ["rl", "--init", str(tiny_model_dir)]
-    for s in tiny_overrides(synth_file, out, **{"eval.enabled": "true", "eval.suite": str(synth_file),
-                                                "eval.limit": 2, "eval.max_new_tokens": 8}):
+    # keep_optimizer_state: a finished run can be extended (below); without it, that is refused (tests/test_disk.py)
+    for s in tiny_overrides(synth_file, out, **{"train.keep_optimizer_state": "true", "eval.enabled": "true",
+                                                "eval.suite": str(synth_file), "eval.limit": 2,
+                                                "eval.max_new_tokens": 8}):
         args += ["--set", s]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -1,5 +1,6 @@
 """The paper's diagnostics (App. F): gradient energy & rank selection, subspace rotation, first-order loss change,
-representation drift, output entropy. See docs/analysis.md.
+representation drift, output entropy; and where an update goes in the base's singular frame (App. C.3 blocks).
+See docs/analysis.md.
 
 Names are resolved lazily so that importing the package (e.g. for the CLI) does not import torch.
 """
@@ -17,6 +18,8 @@ _EXPORTS = {
     "pooled_hidden": "drift", "pca_2d": "drift", "drift_summary": "drift", "run_drift": "drift",
     "token_entropy": "entropy", "generation_entropies": "entropy", "silverman_bandwidth": "entropy",
     "gaussian_kde": "entropy", "run_entropy": "entropy",
+    "block_split": "blocks", "matrix_blocks": "blocks", "roundoff_bound": "blocks", "isotropic_shares": "blocks",
+    "run_blocks": "blocks",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,10 +15,10 @@ from typing import Iterable
 
 import torch
 
-from ..selection import DEFAULT_TARGETS, layer_index, matrix_type, select_matrices
+from ..selection import DEFAULT_TARGETS, candidate_matrices, layer_index, matrix_type, select_matrices
 
-__all__ = ["DEFAULT_TARGETS", "layer_index", "matrix_type", "parse_csv", "matrix_names", "WeightReader",
-           "Encoded", "encode_records", "prompt_texts", "completion_nll", "pad_batch"]
+__all__ = ["DEFAULT_TARGETS", "layer_index", "matrix_type", "parse_csv", "matrix_names", "check_comparable",
+           "WeightReader", "Encoded", "encode_records", "prompt_texts", "completion_nll", "pad_batch"]
 
 
 def parse_csv(value: str | Iterable[str] | None) -> list[str] | None:
@@ -49,6 +49,46 @@ def matrix_names(model_or_path, targets=None, layers=None) -> list[tuple[str, tu
 
         model = _meta_model(resolve(str(model_or_path)))
     return [(n, tuple(p.shape)) for n, p in select_matrices(model, targets, layers)]
+
+
+def _checkpoint_tree(spec: str) -> torch.nn.Module:
+    """The meta-device module tree of a checkpoint (no weights read). A PEFT adapter directory has its base
+    model's tree: merging W0 + s·BA keeps every name and shape."""
+    from ..models import resolve
+
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not WeightReader._has_weights(p):
+        base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{p / 'adapter_config.json'} names no base model (base_model_name_or_path); pass the "
+                             f"merged checkpoint instead")
+        return _checkpoint_tree(str(base))
+    return _meta_model(resolve(str(spec)))
+
+
+def check_comparable(base: str, tuned: list[str], targets=None, layers=None) -> list[tuple[str, tuple[int, int]]]:
+    """The base's selected (parameter name, shape) pairs, once every tuned checkpoint is known to be comparable
+    with it: the same number of layers, and every selected matrix under the same name with the same shape.
+
+    Checked once, up front, from each checkpoint's config on the meta device (no weights read), for every analysis
+    that compares checkpoints (rotation, first-order, drift, blocks): a checkpoint of another architecture is one
+    line naming the first differing matrix with both shapes, instead of a traceback halfway through or, for a
+    deeper model, its extra layers left out without a word."""
+    same = "compare checkpoints fine-tuned from the base (same architecture)"
+    tree = _checkpoint_tree(base)
+    chosen = [(n, tuple(p.shape)) for n, p in select_matrices(tree, targets, layers)]
+    n_layers = len({layer_index(n) for n, _ in candidate_matrices(tree)} - {None})
+    for t in tuned:
+        shapes = {n: tuple(p.shape) for n, p in candidate_matrices(_checkpoint_tree(t))}
+        t_layers = len({layer_index(n) for n in shapes} - {None})
+        if t_layers != n_layers:
+            raise ValueError(f"{t} has {t_layers} layers and the base {base} has {n_layers}; {same}")
+        for name, shape in chosen:
+            if name not in shapes:
+                raise ValueError(f"{t} has no matrix {name} (the base {base} has {shape}); {same}")
+            if shapes[name] != shape:
+                raise ValueError(f"{t}: {name} has shape {shapes[name]} and the base {base} has {shape}; {same}")
+    return chosen
 
 
 class WeightReader:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -15,7 +15,8 @@ from ..terminal import friendly_errors, progress_bar
 
 app = typer.Typer(
     help="Diagnostics from the paper: gradient energy & rank selection, subspace rotation, first-order loss "
-         "change, representation drift, output entropy. Each writes JSON/CSV and a PNG.",
+         "change, representation drift, output entropy, where the update goes (blocks). Each writes JSON/CSV and "
+         "a PNG.",
     no_args_is_help=True,
 )
 
@@ -27,6 +28,14 @@ LAYERS_HELP = "layer indices, e.g. '0' or '0-9,20' (default: all)"
 
 def _out(out: Optional[Path], command: str) -> Path:
     return out if out is not None else Path("results") / "analyze" / command
+
+
+def _locked(command: str):
+    """The command runs holding its --out directory's run lock: a second process writing there is refused with one
+    line naming this one (rpsft.runlock)."""
+    from ..runlock import locked
+
+    return locked(f"rpsft analyze {command}", lambda a: _out(a["out"], command), what="--out")
 
 
 def _csv(path: Path, rows: list[dict]) -> None:
@@ -94,6 +103,7 @@ def _ckpts(value: str, what: str) -> list[str]:
 
 
 @friendly_errors
+@_locked("energy")
 def energy(
     data: Path = typer.Option(..., "--data", help="prompt/completion data (JSONL: messages, prompt+completion, "
                                                   "ShareGPT or GSM8K question+answer)"),
@@ -153,6 +163,7 @@ def energy(
 
 
 @friendly_errors
+@_locked("rotation")
 def rotation(
     tuned: str = typer.Option(..., "--tuned", help="tuned checkpoint dir(s), comma-separated"),
     base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model (embedded name or checkpoint dir)"),
@@ -202,6 +213,7 @@ def rotation(
 
 
 @friendly_errors
+@_locked("first-order")
 def first_order(
     tuned: str = typer.Option(..., "--tuned", help="tuned checkpoint dir(s), comma-separated"),
     data: Path = typer.Option(..., "--data", help="prompt/completion data for the base-model gradient"),
@@ -245,6 +257,7 @@ def first_order(
 
 
 @friendly_errors
+@_locked("drift")
 def drift(
     tuned: str = typer.Option(..., "--tuned", help="tuned checkpoint dir(s), comma-separated"),
     data: Path = typer.Option(..., "--data", help="prompts (any accepted data format; completions unused)"),
@@ -280,6 +293,7 @@ def drift(
 
 
 @friendly_errors
+@_locked("entropy")
 def entropy(
     data: Path = typer.Option(..., "--data", help="prompts (any accepted data format; completions unused)"),
     model: str = typer.Option(DEFAULT_MODEL, "--model", help="model(s) to decode with, comma-separated"),
@@ -317,8 +331,67 @@ def entropy(
     con.print(f"wrote {out}/entropy.json, entropy.csv, entropy.png")
 
 
+@friendly_errors
+@_locked("blocks")
+def blocks(
+    tuned: List[str] = typer.Option(..., "--tuned", help="tuned checkpoint dir(s): repeat the option or "
+                                                       "comma-separate"),
+    base: str = typer.Option(DEFAULT_MODEL, "--base", help="base model (embedded name or checkpoint dir)"),
+    rank: str = typer.Option("128", "--rank", "-k", help="the frame's k as training takes anchor.rank: an int, a "
+                                                         "fraction of min(m, n), a mapping {pattern: k}, or "
+                                                         "@ranks.json"),
+    matrices: Optional[str] = typer.Option(None, "--matrices", "--targets", help=MATRICES_HELP),
+    layers: Optional[str] = typer.Option(None, "--layers", help=LAYERS_HELP),
+    svd: str = typer.Option("exact", "--svd", help="solver of the base's bases: exact | gram (cached on disk "
+                                                   "like training's)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="bases cache (default: <RPSFT_CACHE>/bases, "
+                                                                       "shared with training)"),
+    labels: Optional[str] = typer.Option(None, "--labels", help="legend labels, one per tuned checkpoint"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output dir (default: results/analyze/blocks)"),
+):
+    """Where the update goes: ΔW split into the four blocks of the base's top-k singular frame (App. C.3)."""
+    from rich.table import Table
+
+    from ..config import parse_value
+    from ..fileio import write_json
+    from ._common import parse_csv
+    from .blocks import run_blocks
+    from .plots import plot_blocks
+
+    out = _out(out, "blocks")
+    ckpts = [c for t in tuned for c in _ckpts(t, "--tuned")]
+    rank_value = parse_value(rank)  # 128 -> int, 0.25 -> float, {q_proj: 64, '*': 128} -> mapping, @file -> str
+    rep = _run(lambda cb: run_blocks(base, ckpts, rank=rank_value, targets=matrices, layers=layers, svd=svd,
+                                     cache_dir=str(cache_dir) if cache_dir is not None else None,
+                                     labels=parse_csv(labels), progress=cb), progress="matrices")
+    write_json(out / "blocks.json", rep)
+    _csv(out / "blocks.csv", [{"checkpoint": ck["label"], "name": r["name"], "type": r["type"], "layer": r["layer"],
+                               "shape": "x".join(map(str, r["shape"])), "k": r["k"],
+                               **{f"energy_{b}": r["energy"][b] for b in ("A", "B", "C", "D", "total")},
+                               **{f"share_{b}": r["share"][b] for b in ("A", "B", "C", "D")},
+                               "isotropic_A": r["isotropic"]["A"], "relative": r["relative"]}
+                              for ck in rep["checkpoints"] for r in ck["matrices"]])
+    plot_blocks(rep, out / "blocks.png")
+    t = Table(title=f"% of ‖ΔW‖² per block of the base's top-k frame (k: {rank}); iso A: an isotropic update's")
+    for col in ["checkpoint", "type", "‖ΔW‖/‖W0‖", "A", "B", "C", "D", "iso A"]:
+        if col == "checkpoint":
+            t.add_column(col, overflow="fold")
+        else:  # numbers and type names never wrap; the checkpoint column folds instead on narrow terminals
+            t.add_column(col, justify="left" if col == "type" else "right", no_wrap=True, min_width=len(col))
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for ck in rep["checkpoints"]:
+        for g in [*ck["types"], {"type": "all", **ck["all"]}]:
+            t.add_row(ck["label"], g["type"], "–" if g["relative"] is None else f"{g['relative']:.3g}",
+                      *[pct(g["share"][b]) for b in ("A", "B", "C", "D")], pct(g["isotropic"]["A"]))
+    con = _console()
+    con.print(t)
+    con.print(f"wrote {out}/blocks.json, blocks.csv, blocks.png  [{rep['seconds']['total']:.1f}s, of which "
+              f"{rep['seconds']['bases']:.1f}s bases]")
+
+
 app.command("energy")(energy)
 app.command("rotation")(rotation)
 app.command("first-order")(first_order)
 app.command("drift")(drift)
 app.command("entropy")(entropy)
+app.command("blocks")(blocks)

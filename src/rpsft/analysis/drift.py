@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from ._common import checkpoint_label, pad_batch, prompt_texts
+from ._common import check_comparable, checkpoint_label, pad_batch, prompt_texts
 
 
 @torch.no_grad()
@@ -77,6 +77,7 @@ def run_drift(base: str, tuned: list[str], data: str, limit: int = 64, batch_siz
     labels = labels or [checkpoint_label(t) if checkpoint_label(t) != "base" else t for t in tuned]
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels {labels} are not unique; pass --labels with one distinct name each")
+    check_comparable(base, tuned)  # same layers and matrices: hidden states of one shape, from the same model
     t0 = time.time()
     records = load_records(data, limit=limit)
     model, tok = load_model(base)

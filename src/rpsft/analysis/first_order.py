@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from ._common import Encoded, WeightReader, checkpoint_label, completion_nll, encode_records, layer_index, matrix_type
+from ._common import (Encoded, WeightReader, check_comparable, checkpoint_label, completion_nll, encode_records,
+                      layer_index, matrix_type)
 
 
 def mean_gradient(model, tokenizer, encoded: list[Encoded], params: list[tuple[str, torch.nn.Parameter]],
@@ -68,6 +69,7 @@ def run_first_order(base: str, tuned: list[str], data: str, targets=None, layers
     if labels is not None and len(labels) != len(tuned):
         raise ValueError(f"--labels has {len(labels)} entries for {len(tuned)} checkpoints; give one per --tuned")
     labels = labels or [checkpoint_label(t) for t in tuned]
+    check_comparable(base, tuned, targets, layers)  # before the model loads: same layers, names and shapes
     t0 = time.time()
     model, tok = load_model(base)
     params = select_matrices(model, targets, layers)

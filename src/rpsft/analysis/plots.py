@@ -194,3 +194,57 @@ def plot_entropy(report: dict, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+BLOCK_COLORS = {"A": "#1f77b4", "B": "#ff7f0e", "C": "#2ca02c", "D": "#d62728"}
+BLOCK_LABELS = {"A": "A = U_kᵀΔW V_k (anchored)", "B": "B = U_kᵀΔW V_⊥", "C": "C = U_⊥ᵀΔW V_k",
+                "D": "D = U_⊥ᵀΔW V_⊥"}
+HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++")
+
+
+def plot_blocks(report: dict, path: str | Path) -> None:
+    """Stacked shares of ‖ΔW‖² in the four blocks of the base's top-k frame (App. C.3), by matrix type (left)
+    and by layer (right); the checkpoints side by side in each group (told apart by hatching), and the share an
+    isotropic update would put in A as a black tick."""
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
+    cks = report["checkpoints"]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8), gridspec_kw={"width_ratios": [1, 2]})
+    width = 0.8 / max(len(cks), 1)
+    for ax, key in zip(axes, ("types", "layers")):
+        groups = list(dict.fromkeys(g["type" if key == "types" else "layer"] for ck in cks for g in ck[key]))
+        for c, ck in enumerate(cks):
+            by = {g["type" if key == "types" else "layer"]: g for g in ck[key]}
+            xs = [i - 0.4 + width * (c + 0.5) for i in range(len(groups))]
+            bottom = [0.0] * len(groups)
+            for b in ("A", "B", "C", "D"):
+                h = [((by[g]["share"][b] or 0.0) if g in by else 0.0) for g in groups]
+                ax.bar(xs, h, width * 0.92, bottom=bottom, color=BLOCK_COLORS[b], hatch=HATCHES[c % len(HATCHES)],
+                       edgecolor="white", lw=0.3)
+                bottom = [u + v for u, v in zip(bottom, h)]
+            iso = [by[g]["isotropic"]["A"] if g in by and by[g]["share"]["A"] is not None else None for g in groups]
+            ax.hlines([v for v in iso if v is not None], [x - width * 0.46 for x, v in zip(xs, iso) if v is not None],
+                      [x + width * 0.46 for x, v in zip(xs, iso) if v is not None], color="black", lw=1.2)
+        ax.set_xticks(range(len(groups)), [str(g) for g in groups], rotation=0 if key == "layers" else 20,
+                      fontsize=8 if key == "layers" and len(groups) > 16 else 9)
+        ax.set(ylim=(0, 1.0), xlim=(-0.6, len(groups) - 0.4), ylabel="share of ‖ΔW‖²",
+               xlabel="matrix type" if key == "types" else "layer")
+        ax.grid(alpha=0.3, axis="y")
+    blocks = [Patch(color=BLOCK_COLORS[b], label=BLOCK_LABELS[b]) for b in ("A", "B", "C", "D")]
+    marks = [Patch(facecolor="white", edgecolor="gray", hatch=HATCHES[c % len(HATCHES)], label=ck["label"])
+             for c, ck in enumerate(cks)] if len(cks) > 1 else []
+    from matplotlib.lines import Line2D
+
+    iso = [Line2D([], [], color="black", lw=1.2, label="A share of an isotropic update")]
+    axes[1].legend(handles=blocks + iso + marks, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    rank = report["rank"]
+    axes[0].set_title(f"Blocks of ΔW in the base's top-k frame (k: {rank})", fontsize=10)
+    axes[1].set_title(", ".join(f"{ck['label']}: A {_pct(ck['all']['share']['A'])}, D {_pct(ck['all']['share']['D'])}"
+                                for ck in cks[:4]) + (" ..." if len(cks) > 4 else ""), fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from ._common import WeightReader, checkpoint_label, layer_index, matrix_names, matrix_type
+from ._common import WeightReader, check_comparable, checkpoint_label, layer_index, matrix_type
 
 DEFAULT_K = 512
 
@@ -126,7 +126,7 @@ def run_rotation(base: str, tuned: list[str], targets=None, layers=None, K: int 
         raise ValueError(f"--labels has {len(labels)} entries for {len(tuned)} checkpoints; give one per --tuned")
     labels = labels or [checkpoint_label(t) for t in tuned]
     t0 = time.time()
-    names = matrix_names(base, targets, layers)
+    names = check_comparable(base, tuned, targets, layers)  # every checkpoint: same layers, names and shapes
     if matrix is None:  # rankwise default: the first selected q_proj (else the first matrix)
         matrix = next((n for n, _ in names if matrix_type(n) == "q_proj"), names[0][0])
     elif matrix not in {n for n, _ in names}:
@@ -141,9 +141,6 @@ def run_rotation(base: str, tuned: list[str], targets=None, layers=None, K: int 
         Ub, Vb = top_subspaces(Wb, k)
         for c, rd in enumerate(readers):
             Wt = rd.get(name)
-            if tuple(Wt.shape) != tuple(shape):
-                raise ValueError(f"{tuned[c]}: {name} has shape {tuple(Wt.shape)}, the base has {tuple(shape)}; "
-                                 f"compare checkpoints of the same architecture")
             Ut, Vt = top_subspaces(Wt, k)
             row = {"name": name, "type": matrix_type(name), "layer": layer_index(name), "shape": list(shape),
                    **matrix_rotation(Wb, Wt, K, base_bases=(Ub, Vb), tuned_bases=(Ut, Vt))}

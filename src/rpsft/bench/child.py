@@ -96,6 +96,7 @@ def run_one(spec: dict) -> dict:
         "anchor_bytes": int(a.get("nbytes", 0)),
         "anchor_matrices": int(a.get("matrices", 0)),
         "anchor_ranks": a.get("ranks", []),
+        "anchor_form": a.get("form"), "anchor_full_rank": a.get("full_rank"),  # which regulariser, full-rank rule
         "bases_seconds": summary.get("anchor_seconds", 0.0),
         "train_seconds": summary.get("train_seconds"),
         "wall_seconds": wall,

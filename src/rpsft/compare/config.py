@@ -41,7 +41,7 @@ class CompareConfig:
     bootstrap: int = 2000  # resamples per paired bootstrap interval
     probe_prompts: str | None = None  # a JSONL of {"prompt"} rows instead of the shipped probe set
     probe_max_new_tokens: int = 64  # length of the base's answers the probe scores (its cost is linear in it)
-    keep_checkpoints: bool = True  # False: delete a finished run's checkpoint-N dirs (≈ 3× the weights each)
+    keep_checkpoints: bool = True  # False: delete a finished run's checkpoint-N dirs (a copy of the weights each)
     probe_cache: bool = True  # keep the base's probe log-probs on disk (float16) instead of recomputing per point
     id: EvalSpec = field(default_factory=lambda: EvalSpec(suites=["synth-math"], limit=50, max_new_tokens=160))
     ood: EvalSpec = field(default_factory=lambda: EvalSpec(loglik=True))
@@ -49,6 +49,8 @@ class CompareConfig:
     rotation: bool = True
     drift_data: str | None = None  # default: the ID training data
     drift_limit: int = 32
+    blocks: bool = True  # per point: ΔW split into the blocks of the base's top-k frame (App. C.3), vs forgetting
+    blocks_rank: Any = None  # k of that frame, as anchor.rank takes it; None: the training config's anchor.rank
     eval_dir: str | None = None  # official evaluation files (else RPSFT_EVAL_DIR / ~/.cache/rpsft/eval)
 
 
@@ -83,7 +85,27 @@ def load_compare_config(path: str | Path | None, overrides: list[str] | None = N
             raise ConfigError(f"pairs: every entry is two point names, e.g. [rpsft-lam10-k128, sft]; got {pair!r}")
     if cfg.bootstrap < 100:
         raise ConfigError(f"bootstrap: {cfg.bootstrap} resamples is too few for a 95 % interval; use >= 1000")
+    if cfg.blocks and cfg.blocks_rank is not None:
+        check_blocks_rank(cfg.blocks_rank)
     return cfg
+
+
+def check_blocks_rank(rank: Any) -> None:
+    """``blocks_rank``'s own errors before anything trains: a bad number, or a rank map file that is not there (a
+    mapping's patterns meet the real parameter names at the blocks stage, as training's do at preflight)."""
+    from ..selection import SelectionError, resolve_ranks
+
+    if isinstance(rank, str) and rank.startswith("@"):
+        if not Path(rank[1:]).expanduser().is_file():
+            raise ConfigError(f"blocks_rank: rank map {rank[1:]} does not exist; write it with `rpsft analyze energy` "
+                              f"or give an int k")
+        return
+    if isinstance(rank, dict):
+        return
+    try:
+        resolve_ranks([("probe.weight", (4096, 4096))], rank)
+    except SelectionError as e:
+        raise ConfigError(f"blocks_rank: {str(e).removeprefix('rank: ')}") from None
 
 
 def read_compare_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:

@@ -21,6 +21,9 @@ class Run:
     family: str | None = None  # the curve this run's points belong to in the frontier plot
     eval_steps: list[int] = field(default_factory=list)
     seed: int | None = None
+    # the run's config minus its seed, named by its first run: the points of one configuration at one step are
+    # averaged over seeds, and the seeds resampled, in the frontier (compare.frontier.seed_groups)
+    configuration: str | None = None
 
 
 def point_name(run: str, step: int) -> str:
@@ -44,6 +47,7 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
                              *[f"{k}={v}" for (k, _), v in zip(axes, combo)]],
                             family=sw.get("label"), eval_steps=step_list(sw.get("eval_steps", cfg.eval_steps), "eval_steps")))
     seen: dict[str, Run] = {}
+    configurations: dict[tuple, str] = {}
     out = []
     for r in runs:
         train_cfg = train_config_of(cfg, r, Path("/dev/null"))
@@ -60,6 +64,9 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
             continue
         seen[key] = r
         out.append(r)
+        seedless = json.dumps({**d, "train": {k: v for k, v in d["train"].items() if k != "seed"}}, sort_keys=True,
+                              default=str)
+        r.configuration = configurations.setdefault((r.family, seedless), r.name)
     return out
 
 

@@ -26,7 +26,9 @@ def _score(bench: dict) -> float | None:
 
 
 def build_summary(cfg: CompareConfig, results: dict, analysis: dict, models: dict) -> dict:
-    """Per run: ID / OOD scores (+ Δ vs base), probe, rotation and drift figures, and cost."""
+    """Per run: ID / OOD scores (+ Δ vs base), probe, rotation and drift figures, block energies, and cost."""
+    from .frontier import point_blocks  # frontier imports this module: imported here, not at the top
+
     rot = {c["label"]: c["layer_mean"]["u_mean_deg"] for c in (analysis.get("rotation") or {}).get("checkpoints", [])}
     drift = {m["label"]: m["centroid_distance"] for m in (analysis.get("drift") or {}).get("models", [])}
     rows = []
@@ -52,6 +54,7 @@ def build_summary(cfg: CompareConfig, results: dict, analysis: dict, models: dic
             row["probe_kl"], row["probe_nll_delta"] = 0.0, 0.0
         row["rotation_deg"] = rot.get(name, 0.0 if name == "base" else None)
         row["drift"] = drift.get(name, 0.0 if name == "base" else None)
+        row["blocks"] = point_blocks(res)  # energies of ΔW in the base's top-k frame (App. C.3), None if not run
         tr = res.get("train")
         if tr:
             tc = tr.get("config", {}).get("train", {})
@@ -108,7 +111,28 @@ def render_table(summary: dict) -> str:
                          f"{c['samples_per_s']:.2f} | {c['anchor_mib']:.1f} | {fmt(c['mean_train_loss'])} |")
     lines += ["", "mean train loss: the trainer's loss averaged over all steps (the task loss; DFT's is its "
               "probability-weighted loss, not comparable with the others)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + render_blocks(summary)
+
+
+def render_blocks(summary: dict) -> str:
+    """Per point: ‖ΔW‖² and its split into A, B + C and D of the base's top-k frame (energy, % of ‖ΔW‖²), then the
+    association of each forgetting measure with each block over the points (``summary["block_association"]``)."""
+    from .frontier import render_block_association
+
+    rows = [r for r in summary["rows"] if r.get("blocks")]
+    if not rows:
+        return ""
+    ranks = list(dict.fromkeys(str(r["blocks"]["rank"]) for r in rows))
+    lines = ["", f"## Where the drift went (blocks of ΔW in the base's top-k frame, k: {', '.join(ranks)})", "",
+             "| point | ‖ΔW‖² | ‖A‖² | ‖B‖²+‖C‖² | ‖D‖² |", "|---|---|---|---|---|"]
+    for r in rows:
+        b = r["blocks"]
+        lines.append(f"| {r['run']} | {fmt(b['total'])} | "
+                     + " | ".join(f"{fmt(b[k])} ({fmt(b['share'][k], pct=True)} %)" if b["share"][k] is not None
+                                  else fmt(b[k]) for k in ("A", "BC", "D")) + " |")
+    lines += ["", "A = U_kᵀΔW V_k is the block the rotation anchor penalises, B + C the top-k directions on one side "
+              "only, D the rest (App. C.3); (% of ‖ΔW‖²), summed over the analysed matrices."]
+    return "\n".join(lines) + "\n" + render_block_association(summary.get("block_association") or [])
 
 
 def save_png(fig, path: str | Path) -> None:
@@ -193,3 +217,13 @@ def plot_rank_sweep(summary: dict, method: str, path: str | Path) -> None:
     ax.set_title(f"rank sweep: {method}")
     fig.tight_layout()
     save_png(fig, path)
+
+
+def plot_point_blocks(results: dict, path: str | Path) -> None:
+    """``rpsft analyze blocks``'s figure for the final points that have a blocks stage, side by side."""
+    from ..analysis.plots import plot_blocks
+
+    cks = [{"label": name, **res["blocks"]} for name, res in results.items()
+           if res.get("blocks") and res.get("final", True)]
+    if cks:
+        plot_blocks({"rank": cks[0]["rank"], "checkpoints": cks}, path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +106,128 @@ class SavePoints(TrainerCallback):
                 processing_class.save_pretrained(tmp)
             shutil.rmtree(final, ignore_errors=True)  # a resumed run passing this step again rewrites it whole
             tmp.rename(final)
+
+
+# ------------------------------------------------------------------------ a run's directory and what it owns
+# runs/NAME holds what `rpsft train` writes (guards.RUN_FILES, RUN_DIRS) and compare's own points/ (SavePoints);
+# every result derived from the run lives outside it: stages/NAME[@N]/ and eval/NAME[@N]/, and the cross-run
+# analyses stages/rotation.json and stages/drift.json.
+POINTS = "points"
+ANALYSES = ("rotation.json", "drift.json")
+
+
+@dataclass
+class TrainStart:
+    """Where a run's training stage starts: at ``step`` (its newest complete checkpoint, or its last step when its
+    training already finished) or, when ``step`` is None, from scratch; ``why`` says which, for the log."""
+
+    step: int | None
+    why: str = ""
+
+
+def saved_points(run_dir: Path) -> dict[int, Path]:
+    """{N: runs/NAME/points/step-N} for every point on disk (a ``step-N.tmp`` being written is none)."""
+    d = Path(run_dir) / POINTS
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-")] if d.is_dir() else []
+    return {int(p.name[5:]): p for p in found if p.name[5:].isdigit()}
+
+
+def config_changes(run_dir: Path, tcfg) -> list[str] | None:
+    """What differs between the training config ``run_dir`` was trained with (its config.yaml) and ``tcfg``; None
+    when there is no config.yaml (nothing trained there, or a fresh start cleared it)."""
+    from ..config import dump_yaml
+    from ..train import _yaml_diff
+
+    saved = Path(run_dir) / "config.yaml"
+    return _yaml_diff(saved.read_text(), dump_yaml(tcfg)) if saved.is_file() else None
+
+
+def training_start(run_dir: Path, tcfg, steps: list[int]) -> TrainStart:
+    """Resume a run whose directory holds its training under ``tcfg`` up to a complete checkpoint (or to its end),
+    with every point it has passed on disk; anything else starts from scratch: a directory trained under another
+    config (train refuses to resume it), one with no complete checkpoint (killed before the first was sealed), or
+    one missing a point at or before that step (a resumed run never passes that step again)."""
+    from ..guards import checkpoint_state, latest_complete
+    from ..preflight import finished_run
+
+    changes = config_changes(run_dir, tcfg)
+    if changes is None:
+        return TrainStart(None)
+    if changes:
+        return TrainStart(None, f"its training config changed since {run_dir} was trained ({'; '.join(changes[:4])}"
+                                f"{'; ...' if len(changes) > 4 else ''}): training it again from scratch")
+    finished = finished_run(run_dir, "latest", lambda saved: changes, tcfg.train.max_steps)  # changes: none
+    ckpt = None if finished is not None else latest_complete(run_dir)[0]
+    if finished is None and ckpt is None:
+        return TrainStart(None, "no complete checkpoint to resume from (interrupted before the first was sealed): "
+                                "starting it again from step 0")
+    at = int(finished["global_step"]) if finished is not None else int(checkpoint_state(ckpt)["global_step"])
+    have = saved_points(run_dir)
+    missing = [s for s in steps if s <= at and s not in have]
+    if missing:
+        return TrainStart(None, f"points/step-{missing[0]} is missing and a run resumed at step {at} would not pass "
+                                f"step {missing[0]} again: starting it again from step 0")
+    return TrainStart(at, f"its training already finished at step {at}" if finished is not None
+                      else f"resuming it from {ckpt.name}")
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """Entries of ``run_dir`` that neither `rpsft train` nor compare writes (the run lock aside)."""
+    from ..guards import _written_by_run
+    from ..runlock import LOCK_NAME
+
+    if not Path(run_dir).is_dir():
+        return []
+    return [p.name + ("/" if p.is_dir() else "") for p in sorted(Path(run_dir).iterdir())
+            if p.name not in (POINTS, LOCK_NAME) and not _written_by_run(p)]
+
+
+def _point_outputs(root: Path, name: str) -> list[Path]:
+    """stages/ and eval/ directories of run ``name`` and of its points ``name@N``."""
+
+    def mine(entry: str) -> bool:
+        run, at, step = entry.rpartition("@")  # grid.point_name: NAME@STEP
+        return entry == name or (at == "@" and run == name and step.isdigit())
+
+    return [p for parent in (root / "stages", root / "eval") if parent.is_dir() for p in parent.iterdir()
+            if mine(p.name)]
+
+
+def forget_run(root: Path, name: str, run_dir: Path) -> None:
+    """Before run ``name`` trains again from scratch: delete its stage record (first, so that a kill during the
+    rest never leaves a record claiming the half-cleared directory is trained), every result derived from it
+    (evaluations and probes of the run and of its points, the cross-run analyses), its config.yaml (without it
+    :func:`training_start` never resumes the directory), its points and then what `rpsft train` wrote there."""
+    import shutil
+
+    from ..guards import clear_run_dir
+
+    (root / "stages" / name / "train.json").unlink(missing_ok=True)
+    for p in _point_outputs(root, name):
+        shutil.rmtree(p)
+    for a in ANALYSES:
+        (root / "stages" / a).unlink(missing_ok=True)
+    (run_dir / "config.yaml").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / POINTS, ignore_errors=True)
+    clear_run_dir(run_dir, True)  # foreign_files was checked before anything trained: nothing else is left
+
+
+def discard_points_after(root: Path, name: str, run_dir: Path, step: int) -> list[int]:
+    """Before a run resumes at ``step``: delete its points saved after it (a kill between a point and the next
+    sealed checkpoint leaves one; the resumed run saves it again) with anything derived from them, and any
+    half-written ``step-N.tmp``. Returns the discarded steps."""
+    import shutil
+
+    from .grid import point_name
+
+    gone = sorted(s for s in saved_points(run_dir) if s > step)
+    for s in gone:
+        shutil.rmtree(run_dir / POINTS / f"step-{s}")
+        for parent in (root / "stages", root / "eval"):
+            shutil.rmtree(parent / point_name(name, s), ignore_errors=True)
+    for tmp in (run_dir / POINTS).glob("*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return gone
 
 
 def teacher_forced_stage(cfg, model: str) -> dict:
@@ -209,3 +332,15 @@ def cached_probe(base: str, tuned: str, cache_dir: Path, max_new_tokens: int = 6
             "nll_tuned": nll_t / n_tok, "nll_base": nll_b / n_tok, "nll_delta": (nll_t - nll_b) / n_tok,
             "max_new_tokens": max_new_tokens, "base_cache": "float16", "wall_s": round(time.time() - t0, 2),
             "per_prompt": per_prompt}
+
+
+def blocks_stage(base: str, model: str, rank: Any, targets=None, layers=None, svd: str = "exact") -> dict:
+    """Where the point's update went: ΔW split into the four blocks of the base's top-k frame (App. C.3;
+    :func:`rpsft.analysis.blocks.run_blocks`, bases from the disk cache training filled), for one point. Returns
+    that checkpoint's report (per matrix, per type, per layer, ``all``) with the rank spec it was taken at."""
+    from ..analysis.blocks import run_blocks
+
+    rep = run_blocks(base, [model], rank=rank, targets=targets, layers=layers, svd=svd)
+    ck = rep["checkpoints"][0]
+    return {"rank": rep["rank"], "svd": rep["svd"], "path": ck["path"], "all": ck["all"], "types": ck["types"],
+            "layers": ck["layers"], "matrices": ck["matrices"], "seconds": rep["seconds"]}

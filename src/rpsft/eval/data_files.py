@@ -1,4 +1,4 @@
-"""Where evaluation data lives on a machine, and ``rpsft data eval-files``, which checks and installs it.
+"""``rpsft data eval-files``: checks evaluation files and installs them where ``rpsft eval`` looks.
 
 Official files: ``--eval-dir``, else ``$RPSFT_EVAL_DIR``, else ``<cache>/eval`` (``<cache>`` = ``$RPSFT_CACHE``, else
 ``$XDG_CACHE_HOME/rpsft``, else ``~/.cache/rpsft``), laid out as ``id/*.jsonl`` and ``ood/*.jsonl``. GSM8K:
@@ -8,43 +8,15 @@ the same files from wherever it is run.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
 
-
-def cache_home() -> Path:
-    """The rpsft cache (same rule as ``rpsft.models.cache_root``, without importing torch)."""
-    if os.environ.get("RPSFT_CACHE"):
-        return Path(os.environ["RPSFT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "rpsft"
-
-
-def default_eval_home() -> Path:
-    return cache_home() / "eval"
-
-
-def eval_dir_default() -> Path:
-    return Path(os.environ["RPSFT_EVAL_DIR"]).expanduser() if os.environ.get("RPSFT_EVAL_DIR") else \
-        default_eval_home()
-
-
-def gsm8k_dir_default() -> Path:
-    return Path(os.environ["RPSFT_GSM8K_DIR"]).expanduser() if os.environ.get("RPSFT_GSM8K_DIR") else \
-        default_eval_home() / "gsm8k"
-
-
-def rows_digest(rows: Iterable[Any]) -> str:
-    """sha256 over the rows as canonical JSON lines: the same rows give the same hash from a file or the hub."""
-    h = hashlib.sha256()
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
-        h.update(b"\n")
-    return h.hexdigest()
+# where the files live (suites) and the rows' hash (loaders) sit below this module, which installs the files;
+# the defaults stay importable from here
+from rpsft.eval.loaders import row_to_item, rows_digest
+from rpsft.eval.suites import (BENCHMARKS, cache_home, default_eval_home, eval_dir_default,  # noqa: F401
+                               gsm8k_dir_default)
 
 
 def find_official_root(src: Path) -> Path:
@@ -58,8 +30,6 @@ def find_official_root(src: Path) -> Path:
 
 def _check_file(path: Path, judge: str) -> tuple[int, str]:
     """(rows, sha256) of an evaluation file whose every row becomes an item; ValueError naming the bad row."""
-    from rpsft.eval.loaders import row_to_item
-
     rows = []
     with path.open() as f:
         for n, line in enumerate(f, start=1):
@@ -80,8 +50,6 @@ def install_eval_files(src: str | Path, dest: str | Path | None = None, gsm8k: s
     """Check every ``id/*.jsonl`` / ``ood/*.jsonl`` under ``src`` (each row must become an evaluation item) and copy
     the good ones to ``dest`` (default: where ``rpsft eval`` looks). Returns ``{"installed", "invalid", "missing",
     "dest"}``; ``missing`` lists registry benchmarks without a file in ``src``."""
-    from rpsft.eval.suites import BENCHMARKS
-
     root = find_official_root(Path(src).expanduser())
     explicit_dest = dest
     dest = Path(dest).expanduser() if dest else eval_dir_default()

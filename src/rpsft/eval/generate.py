@@ -101,6 +101,27 @@ class HFGenerator:
             yield results
 
 
+def release_vllm_state() -> None:
+    """Once the last reference to a vLLM engine is dropped: collect it, tear down vLLM's distributed state (its
+    model-parallel groups, then its world, which also destroys torch's default process group: under TRL's
+    ``external_launcher`` that is the training's own group, so call it after the last collective) and return the
+    cached GPU memory. The next engine in this process then starts from a clean state with the memory free."""
+    import gc
+
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # older / newer vLLM without these, or nothing initialised: nothing more to release
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class VLLMGenerator:
     """vLLM backend (GPU). ``model_path`` must be a plain checkpoint directory or hub id."""
 
@@ -122,24 +143,11 @@ class VLLMGenerator:
         """Release the engine and its GPU memory now, not whenever the garbage collector gets to it: ``rpsft rl``
         evaluates before training, and TRL's co-located vLLM engine needs that memory (and a clean vLLM
         distributed state) when it starts."""
-        import gc
-
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
         del llm
-        gc.collect()
-        try:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-            destroy_model_parallel()
-            destroy_distributed_environment()
-        except Exception:  # older / newer vLLM without these, or nothing initialised: nothing more to release
-            pass
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_vllm_state()
 
     def generate_iter(self, texts: list[str], max_new_tokens: int, temperature: float = 0.7, top_p: float = 0.95,
                       greedy: bool = False, seed: int = 0, request_seeds: list[int] | None = None

@@ -16,10 +16,11 @@ as they are, ``"none"`` drops system messages (the chat template then adds its o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from rpsft.eval.judges import extract_boxed, parse_choices
 from rpsft.eval.suites import Benchmark, source_path
@@ -46,12 +47,19 @@ def _rows(b: Benchmark, eval_dir: str | Path | None) -> list[tuple[Any, str]]:
 
 def rows_with_origin(b: Benchmark, eval_dir: str | Path | None) -> tuple[list[tuple[Any, str]], dict]:
     """A benchmark's ``[(row, where)]`` and where they came from: ``{"source": file path or hf:..., "rows",
-    "sha256"}`` (hash of the rows as canonical JSON, :func:`rpsft.eval.data_files.rows_digest`). A missing official
-    or GSM8K file falls back to the benchmark's public hub dataset (:mod:`rpsft.eval.hub_fallbacks`)."""
-    from rpsft.eval.data_files import rows_digest
-
+    "sha256"}`` (hash of the rows as canonical JSON, :func:`rows_digest`). A missing official or GSM8K file falls
+    back to the benchmark's public hub dataset (:mod:`rpsft.eval.hub_fallbacks`)."""
     rows, origin = _read_rows(b, eval_dir)
     return rows, {**origin, "rows": len(rows), "sha256": rows_digest(r for r, _ in rows)}
+
+
+def rows_digest(rows: Iterable[Any]) -> str:
+    """sha256 over the rows as canonical JSON lines: the same rows give the same hash from a file or the hub."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def _read_rows(b: Benchmark, eval_dir: str | Path | None) -> tuple[list[tuple[Any, str]], dict]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rpsft import runlock
 from rpsft.eval import judges
 from rpsft.eval.loaders import load_items
 from rpsft.eval.metrics import stderr, summarize
@@ -25,6 +26,8 @@ _RUN_KEYS = ("model", "model_fingerprint", "backend", "max_new_tokens", "tempera
              "system_prompt", "loglik", "mc_protocol")
 # the value a key had before it was recorded (run.json files written before it existed)
 _RUN_DEFAULTS = {"mc_protocol": "paper"}
+# the generation settings every sample row carries ("settings"): what it was made with, checked on every resume
+_ROW_KEYS = tuple(key for key in _RUN_KEYS if key not in ("model", "model_fingerprint"))
 
 
 def judge_completion(item: dict, completion: str, flex: bool = False, timeout_s: float = 5.0) -> dict:
@@ -69,6 +72,20 @@ def _check_run(out: Path, config: dict) -> None:
     write_json(path, config)
 
 
+def _check_row(path: Path, row: dict, settings: dict) -> None:
+    """A stored sample made with other generation settings is refused, not mixed in (rows written before rows
+    carried their settings are covered by run.json's check alone)."""
+    made = row.get("settings")
+    if not isinstance(made, dict):
+        return
+    diff = {k: (made.get(k, _RUN_DEFAULTS.get(k)), settings.get(k)) for k in settings
+            if made.get(k, _RUN_DEFAULTS.get(k)) != settings.get(k)}
+    if diff:
+        raise RuntimeError(f"{path}: sample {row.get('benchmark')}[{row.get('index')}] #{row.get('sample', 0)} was "
+                           f"made with other settings {diff} (old, new); pass a new --out directory, or delete "
+                           f"{path} to start over")
+
+
 def _read_samples(path: Path) -> list[dict]:
     """Finished rows; a line torn by a crash mid-append is cut off so new rows never glue onto it."""
     rows = read_jsonl(path)
@@ -81,6 +98,8 @@ def _primary(s: dict) -> float | None:
     return s.get("accuracy", s.get("avg_at_k"))
 
 
+# one process per --out directory (runlock.py): two evaluations into one directory would interleave their samples
+@runlock.locked("rpsft eval", lambda a: a["out_dir"], what="--out")
 def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: int | None = None,
              backend: str = "hf", out_dir: str | Path = "runs/eval", max_new_tokens: int | None = None,
              temperature: float = 0.7, top_p: float = 0.95, greedy: bool = False, batch_size: int | None = None,
@@ -120,6 +139,9 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
     benches, want_probe = expand_suites(suites)
     if want_probe and not probe_base:
         raise ValueError("suite 'probe' compares the model with its base: pass probe_base (--probe-base BASE)")
+    from rpsft.models import check_model_path
+
+    check_model_path(model)  # a missing or torn model directory, or an unfinished run: one line, nothing loaded
 
     # 1. data first: a missing file fails before minutes of model loading
     skipped: dict[str, str] = {}
@@ -152,12 +174,16 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
               "top_p": None if (greedy or loglik) else top_p, "greedy": bool(greedy), "seed": seed,
               "system_prompt": system_prompt, "loglik": bool(loglik), "mc_protocol": mc_protocol}
     samples_path = out / "samples.jsonl"
+    settings = {key: config[key] for key in _ROW_KEYS}
+    stored = _read_samples(samples_path)
     if benches:
+        for row in stored:  # before _check_run records this run's settings in run.json
+            _check_row(samples_path, row, settings)
         _check_run(out, config)
 
     # 2. what is already done
     done: dict[tuple, dict] = {}
-    for row in _read_samples(samples_path):
+    for row in stored:
         done[(row["benchmark"], row["index"], row.get("sample", 0))] = row
     for b in benches:
         for i, it in enumerate(items[b.name]):
@@ -184,12 +210,12 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
             lm, tok = load_for_eval(model, device=device, dtype=dtype)
         if loglik:
             finished = _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, finished, total,
-                                   mc_protocol)
+                                   mc_protocol, settings)
         else:
             finished, new_tokens = _run_generate(
                 model, jobs, items, backend, batch_size, max_new_tokens, temperature, top_p, greedy, seed,
                 samples_path, done, judge_timeout_s, progress, finished, total,
-                (lm, tok) if backend == "hf" else None, vllm_options)
+                (lm, tok) if backend == "hf" else None, vllm_options, settings)
         gen_s = time.time() - tg
 
     # 4. summaries
@@ -223,7 +249,8 @@ def run_eval(model: str, suites: list[str] | str, k: int | None = None, limit: i
 
 
 def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, temperature, top_p, greedy, seed,
-                  samples_path, done, judge_timeout_s, progress, finished, total, loaded, vllm_options=None):
+                  samples_path, done, judge_timeout_s, progress, finished, total, loaded, vllm_options=None,
+                  settings=None):
     from rpsft.eval.generate import HFGenerator, VLLMGenerator, render_prompts
 
     if backend == "hf":
@@ -252,7 +279,7 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
                 it = items[b.name][i]
                 row = {"benchmark": b.name, "index": i, "id": it["id"], "sample": s, "prompt": it["prompt"],
                        "completion": res["text"], "n_tokens": res["n_tokens"], "finish": res["finish"],
-                       "gold": it["gold"], "judge": it["judge"]}
+                       "gold": it["gold"], "judge": it["judge"], "settings": settings}
                 row.update(judge_completion(it, res["text"], b.flex, judge_timeout_s))
                 append_jsonl(samples_path, row)
                 done[(b.name, i, s)] = row
@@ -267,7 +294,7 @@ def _run_generate(model, jobs, items, backend, batch_size, max_new_tokens, tempe
 
 
 def _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, finished, total,
-                mc_protocol="paper"):
+                mc_protocol="paper", settings=None):
     from rpsft.eval.generate import render_prompts
     from rpsft.eval.loglik import score_mcq, score_mcq_lm_eval
 
@@ -284,7 +311,7 @@ def _run_loglik(lm, tok, jobs, items, batch_size, samples_path, done, progress, 
             row = {"benchmark": name, "index": idx[j], "id": it["id"], "sample": 0, "mode": "loglik",
                    "mc_protocol": mc_protocol,
                    "prompt": it["prompt"], "options": it["options"], "gold": it["gold"], "judge": "mcq-loglik",
-                   **r, "correct": r["correct_norm"]}
+                   **r, "correct": r["correct_norm"], "settings": settings}
             append_jsonl(samples_path, row)
             done[(name, idx[j], 0)] = row
             finished += 1

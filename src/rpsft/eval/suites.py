@@ -128,11 +128,31 @@ def expand_suites(suites: list[str] | str) -> tuple[list[Benchmark], bool]:
     return out, probe
 
 
+def cache_home() -> Path:
+    """The rpsft cache (same rule as ``rpsft.models.cache_root``, without importing torch)."""
+    if os.environ.get("RPSFT_CACHE"):
+        return Path(os.environ["RPSFT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "rpsft"
+
+
+def default_eval_home() -> Path:
+    return cache_home() / "eval"
+
+
+def eval_dir_default() -> Path:
+    return Path(os.environ["RPSFT_EVAL_DIR"]).expanduser() if os.environ.get("RPSFT_EVAL_DIR") else \
+        default_eval_home()
+
+
+def gsm8k_dir_default() -> Path:
+    return Path(os.environ["RPSFT_GSM8K_DIR"]).expanduser() if os.environ.get("RPSFT_GSM8K_DIR") else \
+        default_eval_home() / "gsm8k"
+
+
 def _default_dir(env: str, rel: str) -> Path:
     if os.environ.get(env):
         return Path(os.environ[env]).expanduser()
-    from rpsft.eval.data_files import eval_dir_default, gsm8k_dir_default
-
     # official and GSM8K files: the user's cache, never the current directory
     return {"RPSFT_EVAL_DIR": eval_dir_default, "RPSFT_GSM8K_DIR": gsm8k_dir_default}.get(env, lambda: Path(rel))()
 

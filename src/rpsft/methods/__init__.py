@@ -24,6 +24,8 @@ class Method:
     extra_memory: str = "none"  # what the method keeps beyond the model + optimizer (docs, bench)
     plain: str = "sft"  # the method this one becomes without its anchor (for the refusal message)
     anchor_hint: str = ""  # where to go instead when the anchor is refused
+    anchor_form: str = "block"  # the anchor's regulariser: "block" (Eq. 3) | "complement" (RotationAnchor form=)
+    check: Callable[[Any], None] | None = None  # (cfg) -> None: refuses, in one line, settings it cannot honour
 
     def anchor_enabled(self, requested: bool | None) -> bool:
         if self.anchor in ("on", "full"):
@@ -61,7 +63,7 @@ def available() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from . import sft, rpsft, l2init  # noqa: F401  (each module registers itself)
+    from . import sft, rpsft, l2init, complement  # noqa: F401  (each module registers itself)
     for optional in ("dft", "iw", "lora", "rpsft_lora", "osf"):
         try:
             __import__(f"{__name__}.{optional}")

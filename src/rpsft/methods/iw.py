@@ -15,12 +15,19 @@ whose mean token NLL exceeds 1/T nats (a typical SFT sequence early in training)
 gradient is w_i·∇NLL_i, a re-weighting of the ordinary SFT gradient, which is what an importance weight is for.
 (The authors' code does not detach; ``iw.detach=false`` reproduces that, and tests check both gradients.)
 
-Memory: one frozen copy of the initial model (the reference) in the training dtype — 0.54 GB for SmolLM2-135M in
-fp32, ≈ 15 GB for a 7B model in bf16 — plus one extra no-grad forward per micro-batch (≈ +1/3 of a step's compute).
+Memory: one frozen copy of the initial model (the reference) in the dtype the model was loaded in, placed like the
+policy (``place_reference``). Under FSDP2 it is sharded the same way, so each of N ranks holds 1/N of it (a 7B model
+loaded in fp32: 30.5 GB in all, 3.8 GB per rank on 8 GPUs) plus, while its forward runs, the bf16 gather of one
+decoder layer at a time; under DeepSpeed a copy in the engine's precision (≈ 15 GB at 7B in bf16; sharded under
+ZeRO-3); on one process or under DDP a whole copy on every process (0.54 GB for SmolLM2-135M in fp32, 30.5 GB for a
+7B model in fp32). Its forward runs in the policy's compute dtype (FSDP2's bf16 param_dtype, or the accelerator's
+autocast), so at the initial weights its log-probs are the policy's own and w = 1 (exactly, in the CPU tests).
+Compute: one extra no-grad forward per micro-batch (≈ +1/3 of a step's compute).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -53,6 +60,37 @@ def iw_loss(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Te
     return (w * nll).sum() / torch.as_tensor(n, device=nll.device).clamp(min=1), w
 
 
+def place_reference(ref: torch.nn.Module, accelerator) -> tuple[torch.nn.Module, bool]:
+    """Place the frozen reference like the policy, so its forward runs in the policy's compute dtype and, where the
+    policy is sharded, the reference is too; returns (reference, whether its forward needs the accelerator's
+    autocast).
+
+    FSDP2: accelerate's own ``fsdp2_prepare_model`` with the policy's plugin (one unit per decoder layer, the same
+    mixed-precision policy and mesh), so each rank keeps 1/N of the weights and the forward gathers one unit at a
+    time in the compute dtype (bf16 under bf16 mixed precision); every unit, the root included, frees its gathered
+    weights after the forward, since no backward follows. DeepSpeed: TRL's ``prepare_deepspeed`` (sharded under
+    ZeRO-3, a copy in the engine's precision otherwise); FSDP v1: TRL's ``prepare_fsdp``. One process or DDP: the
+    whole model on this process's device, run under the accelerator's autocast like the policy. The policy itself
+    is not touched; ``ref`` must be a separate copy."""
+    ref.eval().requires_grad_(False)
+    state = accelerator.state
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(ref, accelerator), False
+    if accelerator.is_fsdp2:
+        from accelerate.utils import fsdp2_prepare_model
+
+        ref = fsdp2_prepare_model(accelerator, ref)
+        ref.set_reshard_after_forward(True)  # FSDP2 keeps the root's weights gathered for a backward otherwise
+        return ref, False
+    if getattr(state, "fsdp_plugin", None) is not None:
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(ref, accelerator), False
+    return ref.to(accelerator.device), True
+
+
 def _trainer_class():
     from ..config import ConfigError, IWSection
     from ..train import AnchoredSFTTrainer
@@ -81,21 +119,22 @@ def _trainer_class():
             from trl.trainer.utils import add_fused_lm_head
 
             add_fused_lm_head(ref, outputs=("log_probs",))
-            self.ref_model = ref
+            self.ref_model, self._ref_autocast = place_reference(ref, self.accelerator)
             self.iw = cfg
 
-        def _ref(self, device):
-            if next(self.ref_model.parameters()).device != device:
-                self.ref_model.to(device)
-            return self.ref_model
+        def _ref_log_probs(self, inputs) -> torch.Tensor:
+            # the policy's own compute dtype: FSDP2's param_dtype / DeepSpeed's cast are in the placed model itself;
+            # one process and DDP run the policy under the accelerator's autocast, so the reference runs under it too
+            ctx = self.accelerator.autocast() if self._ref_autocast else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
+                return self.ref_model(**inputs, fused_lm_head=True).log_probs
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not model.training:  # evaluation reports the plain NLL
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
             outputs = model(**inputs, fused_lm_head=True)
-            with torch.no_grad():
-                ref_lp = self._ref(outputs.log_probs.device)(**inputs, fused_lm_head=True).log_probs
+            ref_lp = self._ref_log_probs(inputs)
             loss, w = iw_loss(outputs.log_probs, ref_lp, outputs.label_mask, self.iw.temperature, self.iw.w_max,
                               self.iw.detach, num_items_in_batch)
             # like TRL: num_items_in_batch counts every rank's tokens and DDP averages gradients across ranks
@@ -132,4 +171,5 @@ def _trainer_class():
 
 register(Method("iw", "importance-weighted SFT vs the frozen initial model (T=1, w_max=16, detached w)",
                 anchor="optional", trainer_class=_trainer_class,
-                extra_memory="one frozen copy of the initial model (the reference) + one no-grad forward per batch"))
+                extra_memory="a frozen copy of the initial model (the reference; 1/N of it per rank under FSDP2, "
+                             "whole under DDP) + one no-grad forward per batch"))

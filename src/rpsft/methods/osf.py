@@ -51,10 +51,23 @@ def finalize(trainer, cfg, out_dir) -> dict:
     return export_merged(trainer, cfg, out_dir, enabled=cfg.osf.merge)
 
 
+def check(cfg: Any) -> None:
+    """OSF cannot run under FSDP: PEFT projects the U_l, V_l gradients with tensor hooks registered on those
+    parameters (osf/layer.py ``_attach_hooks``), and ``fully_shard`` replaces every parameter by a sharded one whose
+    gradient FSDP writes itself, so the hooks never fire and U_l, V_l train unprojected (the gradient of U_l off by
+    46 % on a tiny Llama, tests/launch). Refused at startup; DDP keeps the parameters and their hooks."""
+    from ..launch import fsdp_launch
+
+    if fsdp_launch() is not None:
+        raise ValueError("method=osf under FSDP (the accelerate config's distributed_type): PEFT's OSF projects its "
+                         "gradients with hooks on parameters that fully_shard replaces, so it would train without "
+                         "its projection; launch osf with DDP (one whole model per process) or in one process")
+
+
 register(Method(
     "osf", "PEFT OSF: top-k singular subspace frozen, the rest trained with projected gradients",
     anchor="off",  # OSF is a hard version of the anchor; see the module docstring
-    prepare_model=wrap_osf, finalize=finalize,
+    prepare_model=wrap_osf, finalize=finalize, check=check,
     anchor_hint="OSF already freezes the top-k frame; for a soft anchor use method=rpsft",
     extra_memory="trainable low-rank SVD factors + a frozen copy of them + U_h or V_h (≈2–3× the adapted weights)",
 ))

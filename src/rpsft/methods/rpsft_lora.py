@@ -7,9 +7,11 @@ LoRA freezes W0, and W0 is the matrix the anchor's frame comes from, so U_kᵀW0
     ∂R/∂B = U_k · 2s²·P(QQᵀ),      ∂R/∂A = 2s²·(PᵀP)Q · V_kᵀ
 
 — 2(m+n)·k·r + O(k·r²) multiply-adds per matrix and step, against ≈ m·n·(r + 4k) for the dense form on W0 + s·BA
-(benchmarks/lora_anchor.py measures the ratio). Where the dense anchor keeps W0 instead of a frame (k = min(m, n) of a
-square matrix, where U_k, V_k are square orthogonal) R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B,
-Q = A, and no copy of W0 at all. A non-square matrix at k = min(m, n) keeps its frame and Eq. 3, like the dense anchor.
+(benchmarks/lora_anchor.py measures the ratio). Where the dense anchor keeps W0 instead of a frame — k = min(m, n)
+under the paper's full-rank rule (App. C.2, Eq. 11; ``anchor.full_rank=l2``, the default), square or not —
+R = ‖s·BA‖² = s²·tr((BᵀB)(AAᵀ)): the same formula with P = B, Q = A, and no copy of W0 at all. With
+``anchor.full_rank=eq3`` a non-square matrix at k = min(m, n) keeps its frame and the factored Eq. 3, like the dense
+anchor.
 
 The identity U_kᵀW0V_k = diag σ_k is checked once when the anchor is built (``check=True``), so a frame taken from
 other weights than the ones LoRA wraps fails loudly instead of silently anchoring the wrong thing.
@@ -18,6 +20,10 @@ With bf16/fp16 lean frames (``anchor.frame_dtype``, rpsft.frames) the dense anch
 instead of diag σ_k, and the same algebra gives U_lᵀ(W0 + s·BA)V_l − A_ref = s·(U_lᵀB)(AV_l) exactly: the factored
 form needs no A_ref at all, only the rounded frames (upcast one matrix at a time), and the build check above
 measures the residual against A_ref.
+
+Under FSDP2 the factors are row shards (B's rows of m, A's rows of r): P = U_kᵀB = Σ_r U_rᵀB_r is summed over B's
+shards like the dense anchor's block (rpsft.distributed), Q is assembled from each rank's rows by the same single
+all-reduce, and each rank keeps only its rows of U_k and adds its rows of the gradient (``_products``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from . import Method, register
 from ._peft import export_merged
 from ..anchor import AnchorTerms, weight_of
+from ..distributed import all_reduce_sum_, is_dtensor, row_shard
 from .lora import wrap_lora
 from ..placement import canonical_modules, host_values
 from ..selection import module_name
@@ -43,6 +50,7 @@ class _LoraTerm:
     S: torch.Tensor | None  # k
     V: torch.Tensor | None  # n×k
     ref_sq: float  # ‖σ_k‖² or ‖W0‖², the scale of relative drift (same as the dense anchor)
+    row0: int | None = None  # set once U has been cut to the rows of an FSDP2 shard of lora_B starting at this row
 
     @property
     def full(self) -> bool:
@@ -68,19 +76,23 @@ class LoraRotationAnchor(AnchorTerms):
 
     terms: dict[str, _LoraTerm]
 
-    def __init__(self, terms, adapter: str = "default", dtype: torch.dtype = torch.float32):
-        super().__init__(terms, dtype)
+    def __init__(self, terms, adapter: str = "default", dtype: torch.dtype = torch.float32,
+                 full_rank_as: str = "l2"):
+        super().__init__(terms, dtype, full_rank_as=full_rank_as)
         self.adapter = adapter
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dense(cls, dense, model: torch.nn.Module, adapter: str = "default", check: bool = True,
                    tol: float = 1e-4) -> "LoraRotationAnchor":
-        """Reuse the frames (U_k, σ_k, V_k) of a dense ``RotationAnchor`` built on the model before LoRA wrapped it."""
+        """Reuse the frames (U_k, σ_k, V_k) of a dense ``RotationAnchor`` built on the model before LoRA wrapped it;
+        a dense term that kept W0 (its block is all of ΔW: full rank under the dense anchor's rule) becomes ‖s·BA‖²."""
+        if dense.form != "block":
+            raise ValueError(f"the factored LoRA anchor is Eq. 3's block only; got a {dense.form!r} anchor")
         terms = []
         for name, t in dense.terms.items():
             terms.append(_LoraTerm(name, t.shape, t.k, t.U, t.S, t.V, t.ref_sq))
-        anchor = cls(terms, adapter=adapter, dtype=dense.dtype)
+        anchor = cls(terms, adapter=adapter, dtype=dense.dtype, full_rank_as=dense.full_rank_as)
         layers = anchor._layers(model)  # fails early, naming the matrix, if one is not LoRA-adapted
         if check:
             with torch.no_grad():
@@ -147,6 +159,9 @@ class LoraRotationAnchor(AnchorTerms):
         if record:
             self.last_sq = {}
         for name, (_, A, B, s) in self._layers(model).items():
+            if is_dtensor(A) or is_dtensor(B):
+                raise NotImplementedError("penalty() is the autograd path for unsharded LoRA factors; under FSDP2 "
+                                          "use accumulate_grad_ (closed form, returns R) or drift()")
             P, Q = self._factors(self.terms[name], A, B)
             r = (s * s) * ((P.T @ P) * (Q @ Q.T)).sum()
             if record:
@@ -154,25 +169,75 @@ class LoraRotationAnchor(AnchorTerms):
             total = total.to(P.device) + (r if weight is None else r * weight[name])
         return total
 
+    @staticmethod
+    def _cut(t: _LoraTerm, row0: int, rows: int) -> None:
+        """Keep only the rows of U_k that meet this rank's rows of lora_B (FSDP2 Shard(0)), once, freeing the rest."""
+        if t.full:
+            return
+        if t.row0 is None:
+            t.U = t.U[row0:row0 + rows].contiguous()
+            t.row0 = row0
+        elif t.row0 != row0 or t.U.shape[0] != rows:
+            raise RuntimeError(f"{t.name}: the LoRA factors were re-sharded after the anchor was cut to its rows; "
+                               "build the anchor again after changing the sharding")
+
     @torch.no_grad()
-    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
-        """Add ``weight · ∇R`` to lora_A / lora_B ``.grad`` in closed form; return R (unweighted)."""
-        sq = []
+    def _products(self, model: torch.nn.Module) -> list[tuple]:
+        """Per matrix (term, lora_A, lora_B, s, P, Q, this rank's rows of A, this rank's rows of B), in self.dtype,
+        with P = U_kᵀB (k×r) — at full rank, where P = B is m×r, its Gram BᵀB (r×r) instead — and Q = AV_k (r×k;
+        A itself at full rank).
+
+        Under FSDP2 each rank holds rows of B (of m) and rows of A (of r). P is a sum over B's row shards,
+        U_kᵀB = Σ_r U_rᵀB_r (BᵀB = Σ_r B_rᵀB_r), like the dense anchor's U_kᵀWV_k (distributed.py); Q's rows are
+        split across ranks, so each rank writes its rows into a zero r×k (r×n) block and the same sum assembles
+        it. One all-reduce for every matrix; U_k is cut to this rank's rows of B on first use."""
+        out, partial, group = [], [], None
         for name, (_, A, B, s) in self._layers(model).items():
             t = self.terms[name]
-            P, Q = self._factors(t, A.detach(), B.detach())
-            GP, GQ = P.T @ P, Q @ Q.T  # r×r
-            sq.append((s * s) * (GP * GQ).sum())
-            dP, dQ = (2 * s * s) * (P @ GQ), (2 * s * s) * (GP @ Q)
-            if t.full:
-                dB, dA = dP, dQ
+            sharded = is_dtensor(A) or is_dtensor(B)
+            if sharded:
+                Bl, b0, group = row_shard(B)
+                Al, a0, _ = row_shard(A)
+                self._cut(t, b0, Bl.shape[0])
             else:
+                Bl, Al, a0 = B, A, 0
+            self._place(t, Bl.device)  # after the cut: only this rank's rows of U_k move
+            Bl, Al = Bl.detach().to(self.dtype), Al.detach().to(self.dtype)
+            rows = slice(a0, a0 + Al.shape[0])
+            if t.full:
+                P, Qr = Bl.T @ Bl, Al
+            else:
+                U, V = t.frames(self.dtype)  # bf16/fp16 lean frames: upcast for this matrix only
+                P, Qr = U.T @ Bl, Al @ V
+            if sharded:
+                Q = Qr.new_zeros((A.shape[0], Qr.shape[1]))
+                Q[rows] = Qr
+                partial += [P, Q]
+            else:
+                Q = Qr
+            out.append((t, A, B, s, P, Q, rows, Bl))
+        all_reduce_sum_(partial, group)  # in place: P and Q are now the whole matrices' (no-op unsharded)
+        return out
+
+    @torch.no_grad()
+    def accumulate_grad_(self, model: torch.nn.Module, weight: float | dict[str, float] = 1.0) -> float:
+        """Add ``weight · ∇R`` to lora_A / lora_B ``.grad`` in closed form; return R (unweighted). Under FSDP2 each
+        rank adds its rows, U_r·dP and (dQ)_rows·V_kᵀ, to its own gradient shards."""
+        sq = []
+        for t, A, B, s, P, Q, rows, Bl in self._products(model):
+            GP, GQ = (P if t.full else P.T @ P), Q @ Q.T  # r×r
+            sq.append((s * s) * (GP * GQ).sum())
+            c = 2 * s * s
+            if t.full:  # dR/dB = 2s²·B(AAᵀ), dR/dA = 2s²·(BᵀB)A
+                dB, dA = c * (Bl @ GQ), c * (GP[rows] @ Q)
+            else:  # dR/dB = U_k·2s²·P(QQᵀ), dR/dA = 2s²·(PᵀP)Q·V_kᵀ
                 U, V = t.frames(self.dtype)
-                dB, dA = U @ dP, dQ @ V.T
+                dB, dA = U @ (c * (P @ GQ)), (c * (GP[rows] @ Q)) @ V.T
             for p, g in ((A, dA), (B, dB)):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.add_(g.to(p.grad.dtype), alpha=weight_of(weight, name))
+                grad = p.grad.to_local() if is_dtensor(p.grad) else p.grad
+                grad.add_(g.to(grad.dtype), alpha=weight_of(weight, t.name))
         if not sq:
             self.last_sq = {}
             return 0.0
@@ -182,13 +247,12 @@ class LoraRotationAnchor(AnchorTerms):
 
     @torch.no_grad()
     def drift(self, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-        """Per matrix: ``abs`` = ‖s·PQ‖_F, ``rel`` = abs / ‖σ_k‖ (‖s·BA‖/‖W0‖ at full rank), ``k``, ``type``."""
-        sq = []
-        for name, (_, A, B, s) in self._layers(model).items():
-            P, Q = self._factors(self.terms[name], A, B)
-            sq.append(((s * s) * ((P.T @ P) * (Q @ Q.T)).sum()).clamp(min=0))  # ‖s·PQ‖² from two r×r Grams
+        """Per matrix: ``abs`` = ‖s·PQ‖_F, ``rel`` = abs / ‖σ_k‖ (‖s·BA‖/‖W0‖ at full rank), ``k``, ``type``;
+        FSDP2 shards too (every rank takes part in the one all-reduce)."""
+        sq = [((s * s) * ((P if t.full else P.T @ P) * (Q @ Q.T)).sum()).clamp(min=0)  # ‖s·PQ‖² from two r×r Grams
+              for t, _, _, s, P, Q, _, _ in self._products(model)]
         values = host_values(torch.stack(sq)) if sq else []  # one sync for all matrices
-        return {name: self._drift_row(name, v ** 0.5) for name, v in zip(self.terms, values)}
+        return {name: self._drift_row(name, v) for name, v in zip(self.terms, values)}
 
 
 def wrap_anchor(dense, model, cfg) -> LoraRotationAnchor:
@@ -203,5 +267,6 @@ register(Method(
     "rpsft_lora", "LoRA + rotation anchor on the effective weight W0 + s·BA (Eq. 5), factored",
     anchor="on", prepare_model=lambda model, cfg: wrap_lora(model, cfg, "rpsft_lora"), wrap_anchor=wrap_anchor,
     finalize=finalize, plain="lora",
-    extra_memory="LoRA adapters + (m+n+1)·k fp32 numbers per anchored matrix (nothing at full rank: W0 is LoRA's base)",
+    extra_memory="LoRA adapters + (m+n+1)·k fp32 numbers per anchored matrix (nothing where k reaches min(m, n): "
+                 "‖s·BA‖², W0 is LoRA's base; with anchor.full_rank=eq3 a non-square one keeps its bases)",
 ))

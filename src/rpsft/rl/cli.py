@@ -22,13 +22,16 @@ def rl(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/rl-demo.yaml)."),
     set_: List[str] = typer.Option([], "--set", "-s", help="Override a key: --set dapo.num_generations=8"),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run: 'latest' or a checkpoint dir."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in output_dir first."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in output_dir first: only "
+                                   "what a run writes (a directory with other files is refused)."),
+    overwrite_all: bool = typer.Option(False, "--overwrite-all",
+                                       help="Delete the whole output_dir first, whatever it holds."),
 ) -> None:
     """Run DAPO (clip-higher, token-level loss, overlong shaping, dynamic sampling) from --init; writes the RL
     checkpoint, metrics.jsonl, config.yaml and run.json to output_dir."""
     from rich.console import Console
 
-    from ..cli import friendly_errors
+    from ..terminal import friendly_errors
 
     console = Console(stderr=True)
 
@@ -46,7 +49,7 @@ def rl(
         from ..quiet import quiet_console
 
         with quiet_console(Path(cfg.output_dir) / "rl.log"):  # library logs and warnings -> the run's log file
-            return run_rl(cfg, resume=resume, overwrite=overwrite, console=console)
+            return run_rl(cfg, resume=resume, overwrite="all" if overwrite_all else overwrite, console=console)
 
     summary = go()
     t = summary["train"]
@@ -62,3 +65,7 @@ def rl(
     out = Path(summary["output_dir"])
     console.print(f"checkpoint: {out}/  (AutoModelForCausalLM.from_pretrained loads it)\n"
                   f"metrics:    {out / 'metrics.jsonl'}\nsummary:    {out / 'run.json'}", highlight=False)
+    if summary.get("disk"):  # rank 0's summary (the one that writes run.json)
+        from ..guards import disk_line
+
+        console.print(disk_line(summary["disk"], out), highlight=False, soft_wrap=True)

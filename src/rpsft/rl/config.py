@@ -7,8 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import (AnchorConfig, BaseTrainConfig, anchor_checks, apply_overrides, load_section, nan_policy_checks,
-                      raise_first_failed, read_config_file)
+from ..config import (AnchorConfig, BaseTrainConfig, anchor_checks, apply_overrides, checkpoint_checks, load_section,
+                      nan_policy_checks, raise_first_failed, read_config_file)
 
 
 @dataclass
@@ -140,6 +140,7 @@ def validate_rl(cfg: RLConfig) -> None:
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
         *nan_policy_checks(t),
+        *checkpoint_checks(t),
         (cfg.data.system_prompt in ("auto", "boxed", "file", "none"),
          f"data.system_prompt must be auto, boxed, file or none, got {cfg.data.system_prompt!r}"),
         *anchor_checks(cfg.anchor),

@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from .. import fileio
+from .. import fileio, runlock
+from ..terminal import disk_full_is_a_user_error
 from .config import RLConfig, rl_to_dict, validate_rl
 from .data import load_prompts
 
@@ -52,7 +53,8 @@ def _train_stats(rows: list[dict]) -> dict:
 
 
 # keys that may change when a run is resumed: they do not alter the steps already taken
-RESUMABLE_CHANGES = ("train.max_steps", "train.save_steps", "train.logging_steps", "eval.")
+RESUMABLE_CHANGES = ("train.max_steps", "train.save_steps", "train.logging_steps", "train.save_total_limit",
+                     "train.keep_optimizer_state", "eval.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -62,7 +64,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwrite: bool) -> Path | None:
+def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwrite: bool | str) -> Path | None:
     """train.prepare_run_dir with the RL rule: a run may be resumed with another length or evaluation only."""
     from ..train import prepare_run_dir
 
@@ -71,7 +73,8 @@ def _prepare_output(out: Path, cfg: RLConfig, resume: bool | str | None, overwri
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                 if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
-    return prepare_run_dir(out, resume, overwrite, diff, may_change=", ".join(RESUMABLE_CHANGES))
+    return prepare_run_dir(out, resume, overwrite, diff, may_change=", ".join(RESUMABLE_CHANGES),
+                           max_steps=cfg.train.max_steps, trainer_section=cfg.trainer)  # rank 0 decides
 
 
 def _check_trainer_args(cfg: RLConfig) -> None:
@@ -84,7 +87,29 @@ def _check_trainer_args(cfg: RLConfig) -> None:
     check_report_to(cfg.train.report_to)
 
 
-def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = False, console=None,
+def _release_training_memory(engine: bool) -> None:
+    """After the trainer's last reference is dropped: collect it and return its memory to the GPU. ``engine``: TRL's
+    co-located vLLM engine was detached too; its teardown (:func:`rpsft.eval.generate.release_vllm_state`) also
+    destroys the process group the engine ran in, so every rank first reaches this point, past its last collective."""
+    import gc
+
+    import torch
+
+    if not engine:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    from ..eval.generate import release_vllm_state
+
+    release_vllm_state()
+
+
+@disk_full_is_a_user_error("rpsft rl", lambda a: a["cfg"].output_dir)  # a full disk: one line, what to run
+@runlock.locked("rpsft rl", lambda a: a["cfg"].output_dir)  # one process per run directory (runlock.py)
+def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool | str = False, console=None,
            progress: bool = True, extra_callbacks: list | None = None) -> dict:
     """DAPO from ``cfg.init``; returns the run summary (also ``output_dir/run.json``)."""
     import torch
@@ -92,11 +117,12 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     from .. import guards
     from ..launch import check_launch
     from ..models import load_model
-    from ..train import build_anchor, install_callbacks
-    from .trainer import RLProgress, build_trainer, dapo_args, use_vllm_default
+    from ..train import build_anchor, finish_checkpoints, install_callbacks, resume_training, trainer_precision
+    from .trainer import RLProgress, build_trainer, dapo_args, detach_vllm_engine, use_vllm_default
 
     validate_rl(cfg)
-    check_launch(bool(cfg.anchor.enabled))
+    check_launch(bool(cfg.anchor.enabled), nan_policy=cfg.train.nan_policy,
+                 trainer_precision=trainer_precision(cfg.train, cfg.trainer))
     _check_trainer_args(cfg)
     out = Path(cfg.output_dir)
     # data first: a bad file fails in a second, not after loading weights
@@ -133,15 +159,16 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
     # sealed checkpoints, so `--resume latest` never picks one torn by an interruption
     guard = guards.FiniteGuard(trainer, cfg.train.nan_policy, cfg.train.nan_max_skips, run_dir=out)
     install_callbacks(trainer, out, RLProgress(console) if progress else None,
-                      [guard, guards.CheckpointSealer(), *(extra_callbacks or [])])
+                      [guard, guards.CheckpointSealer(keep=cfg.train.save_total_limit), *(extra_callbacks or [])])
 
+    # read now: with train.save_total_limit the checkpoint resumed from is deleted once a newer one is sealed
+    start = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
     t0 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    resume_training(trainer, ckpt, cfg.train.max_steps)  # from the last step: the export only
     train_s = time.perf_counter() - t0
     trainer.save_model(str(out))
     steps = trainer.state.global_step
     final_penalty = trainer.anchor_final_penalty()  # via drift(): FSDP2 shards too, where penalty() fails
-    start = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
     summary.update({
         "global_step": steps,
         "train_seconds": round(train_s, 2),
@@ -149,17 +176,25 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool = Fa
         "prompts": len(prompts),
         "generation": "vllm" if use_vllm else "transformers",
         "anchor": None if anchor is None else {"matrices": len(anchor), "ranks": sorted(set(anchor.ranks.values())),
-                                               "lam": cfg.anchor.lam,
+                                               "lam": cfg.anchor.lam, **anchor.summary(),  # form, full-rank rule
                                                "final_penalty": final_penalty},
         "train": _train_stats(fileio.read_jsonl(out / "metrics.jsonl")),
         "resumed_from": str(ckpt) if ckpt else None,
         "metrics": str(out / "metrics.jsonl"),
         "config": rl_to_dict(cfg),
     })
-    del trainer, model
+    if main:
+        finish_checkpoints(trainer, cfg.train, out)  # the newest sealed checkpoint(s), optimizer state dropped
+    # Free the policy, its optimizer state, the anchor's frames and TRL's co-located vLLM engine before rank 0 starts
+    # the evaluation's own engine (at 0.85 of the GPU). Nothing outside the trainer holds them (the finite guard
+    # holds it weakly); the collection breaks the trainer's own reference cycles (callbacks, wrapped methods).
+    engine = detach_vllm_engine(trainer)
+    del trainer, model, anchor, guard
+    _release_training_memory(engine)
     if not main:
         return summary
     if cfg.eval.enabled:
         summary["eval_after"] = _evaluate(cfg, str(out), out / "eval", use_vllm)
+    summary["disk"] = guards.disk_use(out)  # what the run leaves on disk; `rpsft rl` prints it
     fileio.write_json(out / "run.json", summary)
     return summary

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from ..trainer import AnchorMixin
 from ..trainer_args import check_trainer_section
 from .config import RLConfig
 from .rewards import build_reward_funcs, informative_groups
-from .sampling import pack_groups, refill_size
+from .sampling import gather_batch, local_slice, pack_groups, refill_size
 
 
 class DAPOTrainer(AnchorMixin, GRPOTrainer):
@@ -31,6 +32,11 @@ class DAPOTrainer(AnchorMixin, GRPOTrainer):
     kept groups into one batch of the original size. Missing groups after the last round are filled with
     masked groups (no gradient, no tokens in the normaliser), so a step never silently trains on groups
     whose advantages are all zero yet count in the DAPO token mean.
+
+    With several processes each rank generates and scores its slice of every round, as in GRPOTrainer; the
+    verdicts and the scored rounds are gathered (``rpsft.rl.sampling.gather_batch``), so every rank takes the
+    same keep decision, packs the same batch and keeps its own slice of it: the step equals the one-process
+    step on the same groups. Refill rounds are a whole number of rows per rank.
 
     Anchor: :class:`AnchorMixin` (keywords ``anchor``, ``anchor_weight``, ``anchor_period``, ``anchor_mode``,
     ``anchor_budget``), exactly as in SFT: the closed-form gradient of λ·R once per optimizer step, or λ·R in the
@@ -45,13 +51,8 @@ class DAPOTrainer(AnchorMixin, GRPOTrainer):
         self.max_gen_rounds = int(max_gen_rounds)
         self._refill_order: list[int] = []
         self._refill_gen = torch.Generator().manual_seed(int(self.args.seed) + 1)
-        if self.dynamic_sampling:
-            if correctness is None:
-                raise ValueError("dynamic sampling filters on correctness: pass correctness=MathCorrectnessReward")
-            if self.accelerator.num_processes > 1:
-                raise NotImplementedError(
-                    "dynamic sampling packs whole groups, but with several processes a group's G completions are "
-                    "spread over ranks; set dapo.dynamic_sampling=false for multi-GPU runs")
+        if self.dynamic_sampling and correctness is None:
+            raise ValueError("dynamic sampling filters on correctness: pass correctness=MathCorrectnessReward")
 
     def _refill_rows(self, n_groups: int) -> list[dict]:
         """n prompts from a seeded shuffled stream over the training set, each repeated G times (the layout
@@ -67,29 +68,52 @@ class DAPOTrainer(AnchorMixin, GRPOTrainer):
         if not (self.dynamic_sampling and self.model.training):
             return super()._generate_and_score_completions(inputs)
         G = self.num_generations
-        need = len(inputs) // G
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        pad = self._tokenizer.pad_token_id
+        need = len(inputs) * world // G  # groups in the whole generation batch (GRPOConfig: a multiple of G)
         kept: list[tuple[dict, int]] = []
         spare: list[tuple[dict, int]] = []
         rows, rounds, generated = inputs, 0, 0
         while True:
             scored = super()._generate_and_score_completions(rows)
-            flags = informative_groups(self.correctness.last_correct, G)
+            correct = self.correctness.last_correct  # this rank's verdicts, in its rows' order
+            if world > 1:  # the whole round on every rank, rows in rank order (TRL's order for the rewards)
+                device = scored["completion_ids"].device
+                correct = self.accelerator.gather(torch.tensor(correct, dtype=torch.long, device=device)).tolist()
+                scored = gather_batch(scored, self.accelerator.gather, pad)
+            flags = informative_groups(correct, G)
             rounds += 1
             generated += len(flags)
             for g, ok in enumerate(flags):
                 (kept if ok else spare).append((scored, g))
             if len(kept) >= need or rounds >= self.max_gen_rounds:
                 break
-            rows = self._refill_rows(refill_size(need - len(kept), len(kept), generated, need))
+            # a whole number of rows per rank: GRPOTrainer slices every rank's part of a round by equal sizes
+            n = refill_size(need - len(kept), len(kept), generated, need, multiple=world // math.gcd(G, world))
+            rows = self._refill_rows(n)
+            per_rank = len(rows) // world
+            rows = rows[rank * per_rank:(rank + 1) * per_rank]
         n_fill = max(0, need - len(kept))
         parts = kept[:need] + spare[:n_fill]
-        batch = pack_groups(parts, G, self._tokenizer.pad_token_id,
-                            filler=[False] * (len(parts) - n_fill) + [True] * n_fill)
+        batch = pack_groups(parts, G, pad, filler=[False] * (len(parts) - n_fill) + [True] * n_fill)
+        if world > 1:
+            batch = local_slice(batch, rank, world)
         m = self._metrics["train"]
         m["dynamic_sampling/informative_frac"].append(len(kept) / generated)
         m["dynamic_sampling/gen_rounds"].append(rounds)
         m["dynamic_sampling/masked_groups"].append(n_fill)
         return batch
+
+
+def detach_vllm_engine(trainer) -> bool:
+    """Drop the trainer's reference to TRL's co-located vLLM engine (``trainer.vllm_generation.llm``; server mode
+    has none in this process). True when there was one: the caller then releases vLLM's state once the trainer is
+    gone as well (``rpsft.rl.run``)."""
+    generation = getattr(trainer, "vllm_generation", None)
+    if getattr(generation, "llm", None) is None:
+        return False
+    generation.llm = None
+    return True
 
 
 def use_vllm_default(requested: bool | None) -> bool:
