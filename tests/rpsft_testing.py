@@ -5,7 +5,9 @@ pythonpath)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -85,6 +87,15 @@ def run_ranks(worker, out_dir, world: int = 2) -> None:
 
     mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=True,
                        start_method="spawn")
+
+
+def run_ranks_on(worker, out_dir, world: int = 2, **paths) -> list[dict]:
+    """``run_ranks`` for workers that read their inputs from ``out_dir/paths.json`` (``paths``, as strings) and write
+    ``out_dir/rank{r}.json``; returns those per-rank records in rank order."""
+    out_dir = Path(out_dir)
+    (out_dir / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    run_ranks(worker, out_dir, world=world)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @contextlib.contextmanager

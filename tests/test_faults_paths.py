@@ -127,11 +127,16 @@ def test_disk_full_during_a_save_is_one_line_naming_the_last_sealed_checkpoint(t
         rf"{re.escape(str(out / 'config.yaml'))} --resume latest`", line), line
     assert not (out / "checkpoint-2" / guards.COMPLETE).exists()
     # the named command finishes the run from checkpoint-1
+    summary = finish_with_the_named_command(line, free_the_disk, out)
+    assert summary["global_step"] == 3 and summary["resumed_from"] == str(out / "checkpoint-1")
+
+
+def finish_with_the_named_command(line: str, free_the_disk, out: Path) -> dict:
+    """Free the disk, run the command the error line names, and return the finished run's run.json."""
     free_the_disk()
     r, err = cli(quoted_command(line))
     assert r.exit_code == 0 and not err, r.output
-    summary = json.loads((out / "run.json").read_text())
-    assert summary["global_step"] == 3 and summary["resumed_from"] == str(out / "checkpoint-1")
+    return json.loads((out / "run.json").read_text())
 
 
 def test_disk_full_during_an_rl_save_names_the_rl_command(tiny_model_dir, tmp_path, monkeypatch):
@@ -146,10 +151,7 @@ def test_disk_full_during_an_rl_save_names_the_rl_command(tiny_model_dir, tmp_pa
     assert line.startswith(f"error: disk full while writing {out / 'checkpoint-2' / 'model.safetensors'} (")
     assert line.endswith(f"the last sealed checkpoint is {out / 'checkpoint-1'} — free space and run `rpsft rl "
                          f"--config {out / 'config.yaml'} --resume latest`")
-    free_the_disk()
-    r, err = cli(quoted_command(line))
-    assert r.exit_code == 0 and not err, r.output
-    summary = json.loads((out / "run.json").read_text())
+    summary = finish_with_the_named_command(line, free_the_disk, out)
     assert summary["global_step"] == 2 and summary["resumed_from"] == str(out / "checkpoint-1")
 
 

@@ -120,11 +120,9 @@ def _anchor_world_worker(rank: int, world: int, port: int, out_dir: str) -> None
 def test_the_anchor_is_built_inside_the_process_group(tiny_model_dir, synth_file, tmp_path):
     # Under `accelerate launch` the group must exist before the bases are computed: then each SVD runs on one
     # rank and is broadcast (rpsft.distributed.assign_owners) instead of every rank computing all of them.
-    from rpsft_testing import run_ranks
+    from rpsft_testing import run_ranks_on
 
-    (tmp_path / "paths.json").write_text(json.dumps({"model": str(tiny_model_dir), "data": str(synth_file)}))
-    run_ranks(_anchor_world_worker, tmp_path, world=2)
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = run_ranks_on(_anchor_world_worker, tmp_path, world=2, model=tiny_model_dir, data=synth_file)
     assert all(s["initialized"] and s["world"] == 2 for s in seen)
     assert seen[0]["matrices"] == seen[1]["matrices"] > 0
     assert all(s["penalty_at_init"] < 1e-8 for s in seen)  # broadcast bases are the init's own frames

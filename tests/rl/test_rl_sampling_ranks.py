@@ -84,11 +84,9 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_keep_the_same_groups_as_one_process(tiny_model_dir, synth_file, tmp_path):
-    from rpsft_testing import run_ranks
+    from rpsft_testing import run_ranks_on
 
-    (tmp_path / "paths.json").write_text(json.dumps({"model": str(tiny_model_dir), "data": str(synth_file)}))
-    run_ranks(_rank_worker, tmp_path, world=2)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_ranks_on(_rank_worker, tmp_path, world=2, model=tiny_model_dir, data=synth_file)
 
     trainer, tok = make_trainer(tiny_model_dir, synth_file, tmp_path / "one", EXTRA)
     one = two_steps(trainer, tok, 0, 1)
