@@ -3,7 +3,6 @@ run.json."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -162,7 +161,7 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool | st
                       [guard, guards.CheckpointSealer(keep=cfg.train.save_total_limit), *(extra_callbacks or [])])
 
     # read now: with train.save_total_limit the checkpoint resumed from is deleted once a newer one is sealed
-    start = json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0
+    start = guards.checkpoint_state(ckpt)["global_step"] if ckpt else 0
     t0 = time.perf_counter()
     resume_training(trainer, ckpt, cfg.train.max_steps)  # from the last step: the export only
     train_s = time.perf_counter() - t0
