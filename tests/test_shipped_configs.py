@@ -61,3 +61,34 @@ def test_study_extended_adds_its_runs_and_reuses_the_study(monkeypatch):
     assert {"l2init-lam0.01", "l2init-lam0.1", "rpsft-lam30-k128"} <= set(added) and len(added) == 7
     assert more["l2init-lam0.1"].family == "l2init" and more["rpsft-lam30-k128"].family == "rpsft k=128"
     assert load_compare_config(ROOT / "configs" / "study-extended.yaml").output_dir == "results/study"
+
+
+def test_study_mechanism_is_the_2x2_with_three_seeds_and_k_towards_full_rank(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_compare_config(ROOT / "configs" / "study-mechanism.yaml")
+    runs = plan_runs(cfg)
+    seeds = {}
+    for r in runs:
+        seeds.setdefault(r.configuration, set()).add(r.seed)
+    for cell in ("sft", "rpsft-lam10-k128", "l2init-lam0.1", "complement-lam0.1-k128"):  # the 2x2
+        assert seeds[cell] == {42, 43, 44}, cell
+    assert {"complement-lam0.03-k128", "complement-lam0.3-k128", "rpsft-lam10-k384", "rpsft-lam10-k576"} <= set(seeds)
+    study = load_compare_config(ROOT / "configs" / "study.yaml")
+    assert cfg.train_set == study.train_set and cfg.id == study.id  # the frontier study's regime, taken whole
+    assert cfg.output_dir == "results/study-mechanism" and cfg.blocks
+
+
+def test_study_mechanism_budget_adds_its_runs_and_reuses_the_mechanism_study(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    base = {r.name: r for r in plan_runs(load_compare_config(ROOT / "configs" / "study-mechanism.yaml"))}
+    cfg = load_compare_config(ROOT / "configs" / "study-mechanism-budget.yaml")
+    more = {r.name: r for r in plan_runs(cfg)}
+    assert set(base) < set(more) and all(more[n].overrides == base[n].overrides for n in base)
+    added = {n: more[n] for n in set(more) - set(base)}
+    assert set(added) == {"rpsft-lam30-k128", "rpsft-lam100-k128", "rpsft-ball-eps1e-05-k128",
+                          "rpsft-ball-eps4e-05-k128", "rpsft-budget-eps1e-05-k128", "rpsft-budget-eps4e-05-k128"}
+    assert all("anchor.budget_form=ball" in added[f"rpsft-ball-eps{e}-k128"].overrides for e in ("1e-05", "4e-05"))
+    assert cfg.output_dir == "results/study-mechanism"
+    mechanism_pairs = load_compare_config(ROOT / "configs" / "study-mechanism.yaml").pairs
+    assert [list(p) for p in cfg.pairs[: len(mechanism_pairs)]] == [list(p) for p in mechanism_pairs]  # its report is the whole study's
+    assert all(a in more and b in more for a, b in cfg.pairs)
