@@ -72,7 +72,8 @@ def test_study_mechanism_is_the_2x2_with_three_seeds_and_k_towards_full_rank(mon
         seeds.setdefault(r.configuration, set()).add(r.seed)
     for cell in ("sft", "rpsft-lam10-k128", "l2init-lam0.1", "complement-lam0.1-k128"):  # the 2x2
         assert seeds[cell] == {42, 43, 44}, cell
-    assert {"complement-lam0.03-k128", "complement-lam0.3-k128", "rpsft-lam10-k384", "rpsft-lam10-k576"} <= set(seeds)
+    assert {"complement-lam0.03-k128", "complement-lam0.3-k128", "rpsft-lam10-k384", "rpsft-lam10-k576",
+            "l2init-lam1"} <= set(seeds)
     study = load_compare_config(ROOT / "configs" / "study.yaml")
     assert cfg.train_set == study.train_set and cfg.id == study.id  # the frontier study's regime, taken whole
     assert cfg.output_dir == "results/study-mechanism" and cfg.blocks

@@ -85,3 +85,29 @@ def test_frontier_rows_and_the_association_over_points():
     table = render_blocks(summary)
     assert "| p1 | 16 | 1 (6.2 %) | 5 (31.2 %) | 10 (62.5 %) |" in table and "k: 128" in table
     assert render_blocks({"rows": [{"run": "base"}]}) == ""
+
+
+def test_block_energy_figure_draws_each_points_blocks_and_titles_each_panel_with_its_rho(monkeypatch, tmp_path):
+    import rpsft.compare.frontier as frontier
+
+    results = {"p1": {"blocks": _stage(1.0, 2.0, 3.0, 10.0)}, "p2": {"blocks": _stage(2.0, 1.0, 1.0, 30.0)},
+               "p3": {"blocks": _stage(3.0, 0.5, 0.5, 20.0)}}
+    kl = {"p1": 0.1, "p2": 0.3, "p3": 0.2}
+    rows = [{"point": "base", "probe_kl": {"delta": 0.0}, "blocks": None}]
+    rows += [{"point": p, "probe_kl": {"delta": kl[p]}, "blocks": point_blocks(results[p]), "seeds": [42],
+              "members": [p]} for p in results]
+    assoc = block_association(rows, n_resamples=200)
+    figs = []
+    monkeypatch.setattr(frontier, "save_png", lambda fig, path: figs.append(fig))
+    frontier.plot_block_energies(rows, assoc, "probe_kl", tmp_path / "blocks.png")
+    bars, *scatters = figs[0].axes
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["p1 (1)", "p3 (1)", "p2 (1)"]  # by ‖ΔW‖²: 16, 22, 32
+    widths = [round(p.get_width(), 6) for p in bars.patches]  # A for each point, then B + C, then D
+    assert widths == [1.0, 3.0, 2.0, 5.0, 1.0, 2.0, 10.0, 20.0, 30.0]
+    assert [ax.get_title() for ax in scatters][2].startswith("‖D‖²: ρ +1.00 [")
+    assert scatters[0].get_title().startswith("‖A‖²: ρ +0.50 [")
+    ys = sorted(y for _, y in scatters[2].collections[1].get_offsets())
+    assert ys == pytest.approx([0.1, 0.2, 0.3])
+    figs.clear()
+    frontier.plot_block_energies(rows[:1], assoc, "probe_kl", tmp_path / "none.png")  # only the base: no figure
+    assert figs == []

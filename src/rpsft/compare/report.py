@@ -217,13 +217,3 @@ def plot_rank_sweep(summary: dict, method: str, path: str | Path) -> None:
     ax.set_title(f"rank sweep: {method}")
     fig.tight_layout()
     save_png(fig, path)
-
-
-def plot_point_blocks(results: dict, path: str | Path) -> None:
-    """``rpsft analyze blocks``'s figure for the final points that have a blocks stage, side by side."""
-    from ..analysis.plots import plot_blocks
-
-    cks = [{"label": name, **res["blocks"]} for name, res in results.items()
-           if res.get("blocks") and res.get("final", True)]
-    if cks:
-        plot_blocks({"rank": cks[0]["rank"], "checkpoints": cks}, path)

@@ -196,9 +196,6 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict:
                       + render_pairs(summary["pairs"], cfg.bootstrap))
     finals = {**summary, "rows": [r for r in summary["rows"] if r.get("final", True)]}
     plot_tradeoff(finals, root / "tradeoff.png")
-    from .report import plot_point_blocks
-
-    plot_point_blocks(results, root / "blocks.png")
     for sw in cfg.sweep:
         if [k for k, _ in sweep_axes(sw)] == ["anchor.rank"]:
             plot_rank_sweep(finals, sw["method"], root / "rank_sweep.png")
