@@ -93,3 +93,18 @@ def test_study_mechanism_budget_adds_its_runs_and_reuses_the_mechanism_study(mon
     mechanism_pairs = load_compare_config(ROOT / "configs" / "study-mechanism.yaml").pairs
     assert [list(p) for p in cfg.pairs[: len(mechanism_pairs)]] == [list(p) for p in mechanism_pairs]  # its report is the whole study's
     assert all(a in more and b in more for a, b in cfg.pairs)
+
+
+def test_study_mechanism_sgd_is_the_mechanism_regime_under_plain_sgd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_compare_config(ROOT / "configs" / "study-mechanism-sgd.yaml")
+    mechanism = load_compare_config(ROOT / "configs" / "study-mechanism.yaml")
+    assert cfg.train_set == mechanism.train_set and cfg.id == mechanism.id and cfg.blocks
+    assert cfg.output_dir == "results/study-mechanism-sgd"  # its own: its runs share names with the AdamW study's
+    runs = {r.name: r for r in plan_runs(cfg)}
+    assert set(runs) == {"sft", "rpsft-lam3-k128"}
+    for r in runs.values():  # the two differ only in the anchor, never in the optimizer
+        assert {"train.optim=sgd", "train.lr=0.3"} <= set(r.overrides), r.name
+    lam = float(next(o for o in runs["rpsft-lam3-k128"].overrides if o.startswith("anchor.lam=")).split("=")[1])
+    assert 0 < 2 * 0.3 * lam < 2  # a penalty step scales A by 1 - 2·lr·λ: inside (-1, 1), so the block contracts
+    assert [list(p) for p in cfg.pairs] == [["rpsft-lam3-k128", "sft"]]
