@@ -94,6 +94,55 @@ def test_fsdp_v1_is_refused_fsdp2_passes(tiny_model_dir, synth_data, tmp_path, m
     check_launch(anchor=True)  # the shipped FSDP2 config passes
 
 
+def test_fsdp_on_cpu_processes_is_refused_before_the_model_loads(tiny_model_dir, synth_data, tmp_path,
+                                                                 monkeypatch):
+    """accelerate applies FSDP only to processes on an accelerator; on CPU ones it trains DDP without a word."""
+    import rpsft.launch as launch_mod
+    import rpsft.train as train_mod
+    from rpsft.cli import app
+
+    _launched(monkeypatch, SHIPPED / "fsdp2.yaml")
+    monkeypatch.setattr(train_mod, "on_gpu", lambda: False)
+    _no_loading(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^FSDP in the accelerate config, but these processes run on the CPU .*"
+                                          r"use DDP on a CPU \(rpsft launch ddp-cpu2"):
+        train_mod.train(_cfg(tiny_model_dir, synth_data, tmp_path), progress=False)
+    assert not (tmp_path / "run").exists()
+    res = CliRunner().invoke(app, ["train", "--set", f"model.name={tiny_model_dir}", "--set",
+                                   f"data.train={synth_data['train']}", "--set", f"output_dir={tmp_path / 'c'}"])
+    assert res.exit_code == 2 and "error: FSDP in the accelerate config, but these processes run on the CPU" in \
+        res.output and not (tmp_path / "c").exists()
+    check_launch(anchor=True, cpu=False)  # GPU processes: FSDP2 applies
+    check_launch(anchor=False, cpu=False)
+    with pytest.raises(ConfigError, match="FSDP in the accelerate config"):
+        check_launch(anchor=False, cpu=True)  # with or without an anchor: the whole launch is not what was asked
+    assert train_mod.processes_on_cpu() and not train_mod.processes_on_cpu({"use_cpu": False})
+    monkeypatch.setattr(train_mod, "on_gpu", lambda: True)
+    assert not train_mod.processes_on_cpu() and train_mod.processes_on_cpu({"use_cpu": True})
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # `use_cpu: true` in the accelerate config
+    assert train_mod.processes_on_cpu()
+    monkeypatch.setattr(launch_mod, "FSDP_ON_CPU", True)  # the launch matrix's stand-in: FSDP on CPU processes
+    check_launch(anchor=True, cpu=True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setattr(launch_mod, "FSDP_ON_CPU", False)
+    check_launch(anchor=True, cpu=True)  # DDP on CPU processes: nothing to refuse
+
+
+def test_rl_refuses_fsdp_on_cpu_processes_before_reading_data(tmp_path, monkeypatch):
+    from rpsft.rl import RLConfig
+    from rpsft.rl import run as rl_run
+    import rpsft.train as train_mod
+
+    _launched(monkeypatch, SHIPPED / "fsdp2.yaml")
+    monkeypatch.setattr(train_mod, "on_gpu", lambda: False)
+    cfg = RLConfig(init=str(tmp_path / "missing-init"))
+    cfg.output_dir = str(tmp_path / "rl")
+    monkeypatch.setattr(rl_run, "validate_rl", lambda cfg: None)
+    monkeypatch.setattr(rl_run, "load_prompts", lambda cfg: pytest.fail("data read before the launch check"))
+    with pytest.raises(ConfigError, match="^FSDP in the accelerate config, but these processes run on the CPU"):
+        rl_run.run_rl(cfg, progress=False)
+
+
 def test_zero3_and_bf16_from_a_deepspeed_config_file(tmp_path, monkeypatch):
     """A DeepSpeed JSON file has the last word on the values it sets, as in accelerate's DeepSpeed plugin."""
     ds = tmp_path / "ds.json"

@@ -30,6 +30,10 @@ there, or silently weaken the anchor, are settled here, at startup:
   ``mixed_precision``, a DeepSpeed config file, or the Trainer's own ``bf16`` (``TrainingArguments`` hands it to
   DeepSpeed; ``train.bf16`` is on by default on a GPU). ZeRO-2 in fp32 (``mixed_precision: 'no'`` as in the shipped
   ``zero2.yaml``, with ``train.bf16=false``) or FSDP2 (fp32 weights, bf16 only inside forward) read exact weights.
+* FSDP on CPU processes is refused: accelerate applies an FSDP config only to processes on an accelerator
+  (``AcceleratorState`` takes its FSDP branch for MULTI_GPU / NPU / XPU / ... process groups). On a machine without
+  CUDA, where rpsft passes ``use_cpu``, the processes would train as plain DDP, every rank holding the whole model
+  and optimizer state, with FSDP's checkpoint format and memory plan silently gone.
 * ``train.nan_policy=skip`` is refused under DeepSpeed: accelerate runs DeepSpeed's optimizer step inside
   ``backward`` on the last micro-batch of each window, before the finite guard's ``on_pre_optimizer_step`` check
   could drop the gradients, so nothing would be skipped (see :class:`rpsft.guards.FiniteGuard`).
@@ -46,6 +50,13 @@ from pathlib import Path
 from .config import ConfigError
 
 log = logging.getLogger("rpsft")
+
+
+# Whether accelerate applies an FSDP config to CPU processes. It does not (1.16): the FSDP check of check_launch
+# rests on this. tests/launch/test_launchers.py pins it against the installed accelerate; the launch matrix's
+# FSDP2-on-CPU stand-in (tests/launch/fsdp2_cpu.py), which adds accelerate's FSDP branch for CPU process groups,
+# sets it True in its processes.
+FSDP_ON_CPU = False
 
 
 def _env_true(name: str) -> bool:
@@ -99,11 +110,14 @@ def deepspeed_launch(trainer_precision: str | None = None) -> dict | None:
             "precision_from": precision_from}
 
 
-def check_launch(anchor: bool, nan_policy: str = "stop", trainer_precision: str | None = None) -> None:
+def check_launch(anchor: bool, nan_policy: str = "stop", trainer_precision: str | None = None,
+                 cpu: bool = False) -> None:
     """Refuse launch settings the anchor (``anchor``: this run has one) or the finite guard (``nan_policy``, the
-    run's ``train.nan_policy``) cannot work with, before the model loads; ``trainer_precision``: the Trainer's 16-bit
-    mode (``bf16``, ``fp16`` or None, :func:`rpsft.train.trainer_precision`), which DeepSpeed follows. Each refusal
-    is one line naming the setting and the config that works (see the module doc)."""
+    run's ``train.nan_policy``) cannot work with, or that accelerate would not apply, before the model loads;
+    ``trainer_precision``: the Trainer's 16-bit mode (``bf16``, ``fp16`` or None,
+    :func:`rpsft.train.trainer_precision`), which DeepSpeed follows; ``cpu``: the processes compute on the CPU
+    (:func:`rpsft.train.processes_on_cpu`). Each refusal is one line naming the setting and the config that works
+    (see the module doc)."""
     fsdp = fsdp_launch()
     if fsdp is not None and fsdp["cpu_ram_efficient_loading"]:
         raise ConfigError("fsdp_cpu_ram_efficient_loading is true in the accelerate config: ranks other than 0 "
@@ -129,6 +143,11 @@ def check_launch(anchor: bool, nan_policy: str = "stop", trainer_precision: str 
                           "backward, before the finite guard could drop the gradients, so no step would be "
                           "skipped; set train.nan_policy=stop (the run stops at the first non-finite step, and "
                           "no checkpoint holds it) or launch with FSDP2 or DDP")
+    if fsdp is not None and cpu and not FSDP_ON_CPU:
+        raise ConfigError("FSDP in the accelerate config, but these processes run on the CPU (no CUDA device, or "
+                          "use_cpu), where accelerate applies no FSDP: they would train as plain DDP, each holding "
+                          "the whole model, without a word; launch on GPUs, or use DDP on a CPU (rpsft launch "
+                          "ddp-cpu2, configs/accelerate/ddp-cpu2.yaml)")
 
 
 def resolve_checkpointing(gradient_checkpointing: bool) -> bool:

@@ -86,6 +86,16 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def processes_on_cpu(trainer_section: dict | None = None) -> bool:
+    """Whether this run's processes compute on the CPU: the Trainer's ``use_cpu`` (rpsft sets it where CUDA is
+    absent; a ``trainer:`` section may set it) or the launcher's (``use_cpu`` in the accelerate config, handed to the
+    processes as ACCELERATE_USE_CPU)."""
+    import os
+
+    return bool((trainer_section or {}).get("use_cpu", not on_gpu())) or \
+        os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+
+
 def default_bf16(t: Any) -> bool:
     """The Trainer's ``bf16`` from a ``train`` section: as set, else on where the GPU supports it (never on a CPU)."""
     return bool(t.bf16) if t.bf16 is not None else (on_gpu() and torch.cuda.is_bf16_supported())
@@ -202,8 +212,7 @@ def start_process_group(trainer_section: dict | None = None) -> None:
 
     section = dict(trainer_section or {})
     defaults = TrainingArguments.__dataclass_fields__
-    cpu = bool(section.get("use_cpu", not on_gpu())) or \
-        os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+    cpu = processes_on_cpu(section)
     backend = section.get("ddp_backend", defaults["ddp_backend"].default)
     if cpu:
         PartialState(cpu=True, backend=backend)
@@ -352,7 +361,7 @@ def train(cfg: Config, resume: bool | str | None = None, overwrite: bool | str =
         method.check(cfg)  # settings the method cannot honour (e.g. complement with 16-bit frames), in one line
     # accelerate settings the anchor or the finite guard cannot work with fail here, not after the bases
     check_launch(use_anchor, nan_policy=cfg.train.nan_policy,
-                 trainer_precision=trainer_precision(cfg.train, cfg.trainer))
+                 trainer_precision=trainer_precision(cfg.train, cfg.trainer), cpu=processes_on_cpu(cfg.trainer))
     check_budget_method(cfg.anchor, f"method={cfg.method}", use_anchor, method=method)
     out = Path(cfg.output_dir)
     check_trainer_section(cfg.trainer, SFTConfig)  # typos in trainer:/report_to fail before anything is loaded

@@ -47,16 +47,20 @@ if sys.argv[1] == "stand-in":
     import fsdp2_cpu
     fsdp2_cpu._fsdp_on_cpu_processes()
 from accelerate import Accelerator
+from rpsft import launch
 a = Accelerator(cpu=True)  # what the Trainer builds on a machine without CUDA (rpsft passes use_cpu)
-print(json.dumps({"type": str(a.distributed_type), "plugin": getattr(a.state, "fsdp_plugin", None) is not None}))
+print(json.dumps({"type": str(a.distributed_type), "plugin": getattr(a.state, "fsdp_plugin", None) is not None,
+                  "rpsft": launch.FSDP_ON_CPU}))
 """
 
 
-@pytest.mark.parametrize("mode, expected", [("accelerate", {"type": "DistributedType.MULTI_CPU", "plugin": False}),
-                                            ("stand-in", {"type": "DistributedType.FSDP", "plugin": True})])
+@pytest.mark.parametrize("mode, expected", [
+    ("accelerate", {"type": "DistributedType.MULTI_CPU", "plugin": False, "rpsft": False}),
+    ("stand-in", {"type": "DistributedType.FSDP", "plugin": True, "rpsft": True})])
 def test_fsdp_on_cpu_processes_needs_the_stand_in(mode, expected, tmp_path):
     # If accelerate ever turns FSDP on for CPU processes itself, the "accelerate" case fails: the matrix can then
-    # launch FSDP2 through `accelerate launch -m rpsft.cli` and drop fsdp2_cpu.py.
+    # launch FSDP2 through `accelerate launch -m rpsft.cli` and drop fsdp2_cpu.py, and rpsft.launch.FSDP_ON_CPU
+    # (rpsft's record of this fact, on which its refusal of FSDP on CPU processes rests) must become True.
     from rpsft_testing import free_port
 
     res = subprocess.run([sys.executable, "-c", _PROBE, mode, str(free_port()), str(matrix.HERE)],

@@ -116,12 +116,13 @@ def run_rl(cfg: RLConfig, resume: bool | str | None = None, overwrite: bool | st
     from .. import guards
     from ..launch import check_launch
     from ..models import load_model
-    from ..train import build_anchor, finish_checkpoints, install_callbacks, resume_training, trainer_precision
+    from ..train import (build_anchor, finish_checkpoints, install_callbacks, processes_on_cpu, resume_training,
+                         trainer_precision)
     from .trainer import RLProgress, build_trainer, dapo_args, detach_vllm_engine, use_vllm_default
 
     validate_rl(cfg)
     check_launch(bool(cfg.anchor.enabled), nan_policy=cfg.train.nan_policy,
-                 trainer_precision=trainer_precision(cfg.train, cfg.trainer))
+                 trainer_precision=trainer_precision(cfg.train, cfg.trainer), cpu=processes_on_cpu(cfg.trainer))
     _check_trainer_args(cfg)
     out = Path(cfg.output_dir)
     # data first: a bad file fails in a second, not after loading weights
