@@ -98,3 +98,32 @@ def test_dapo_trainer_has_no_anchor_code_of_its_own():
     assert DAPOTrainer.__mro__[1:3] == (AnchorMixin, GRPOTrainer) and AnchoredSFTTrainer.__mro__[1] is AnchorMixin
     anchor_hooks = {"training_step", "compute_loss", "log", "_resolve_mode", "_anchor_due", "_after_anchor"}
     assert not anchor_hooks & set(vars(DAPOTrainer)) and not anchor_hooks & set(vars(AnchoredSFTTrainer))
+
+
+def test_a_gathered_state_dict_is_saved_without_its_tied_copy(tiny_model_dir, synth_data, tmp_path):
+    """FSDP's FULL_STATE_DICT gathers lm_head.weight and the embedding it is tied to as two tensors; the export keeps
+    one name, as for a model whose tied weights share storage, and reloads to the same model."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from rpsft.trainer import drop_tied_copies
+
+    cfg = cfg_for(tiny_model_dir, synth_data, tmp_path / "sft")
+    model, tok = load_model(cfg.model.name)
+    assert model.config.tie_word_embeddings and model.all_tied_weights_keys == {
+        "lm_head.weight": "model.embed_tokens.weight"}
+    gathered = {k: v.detach().clone() for k, v in model.state_dict().items()}  # no storage shared, as FSDP gathers
+    assert "lm_head.weight" in gathered
+    trainer = MixedTrainer(model=model, args=build_sft_config(cfg, tmp_path / "out"), processing_class=tok)
+    trainer._save(str(tmp_path / "export"), state_dict=gathered)
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == set(gathered) - {"lm_head.weight"}
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert torch.equal(back.lm_head.weight, gathered["model.embed_tokens.weight"])
+    # a copy that differs from its source is what was trained: kept; an untied model keeps both names
+    changed = dict(gathered, **{"lm_head.weight": gathered["lm_head.weight"] + 1})
+    assert "lm_head.weight" in drop_tied_copies(model, changed)
+    model.config.tie_word_embeddings = False
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys()
+    assert drop_tied_copies(model, gathered) is gathered

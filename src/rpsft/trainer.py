@@ -51,6 +51,18 @@ class BallProjection(TrainerCallback):
         t.anchor_budget.project(t.anchor, t.anchor_model())
 
 
+def drop_tied_copies(model, state_dict: dict) -> dict:
+    """``state_dict`` without the tied weights' second names (``model.all_tied_weights_keys``, target -> source:
+    ``lm_head.weight`` -> ``model.embed_tokens.weight`` where the config ties them) whose tensor equals the source's,
+    as ``save_pretrained`` leaves a model whose tied weights share storage. A copy that differs is kept: dropping it
+    would lose what was trained."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    drop = {target for target, source in tied.items()
+            if isinstance(state_dict.get(target), torch.Tensor) and isinstance(state_dict.get(source), torch.Tensor)
+            and torch.equal(state_dict[target], state_dict[source])}
+    return {k: v for k, v in state_dict.items() if k not in drop} if drop else state_dict
+
+
 class AnchorMixin:
     """A :class:`RotationAnchor` applied once per optimizer step (every ``anchor_period`` steps) by any Trainer.
 
@@ -95,6 +107,14 @@ class AnchorMixin:
             return False
         self.anchor_weight = self.anchor_budget.weight(self.anchor.terms)
         return True
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # A state dict gathered by FSDP (FULL_STATE_DICT) holds a tied weight twice, as two copies; save_pretrained
+        # drops tied duplicates by storage pointer only, so every export would carry lm_head.weight beside the
+        # embedding it is tied to (twice the file for SmolLM2 or Qwen2.5-3B, equal values).
+        if state_dict:
+            state_dict = drop_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict=state_dict)
 
     def _resolve_mode(self, mode: str) -> str:
         """closed_form everywhere ∇R can be added to .grad; autograd under DeepSpeed ZeRO-1/2; ZeRO-3 refused."""
