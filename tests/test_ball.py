@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rpsft_testing import gloo_rank, make_tiny_llama, perturb_and_shard, run_ranks
+from rpsft_testing import StopAt, gloo_rank, make_tiny_llama, perturb_and_shard, run_ranks
 
 from rpsft.anchor import RotationAnchor
 from rpsft.budget import BallBudget, BudgetController
@@ -115,6 +115,33 @@ def test_epsilon_zero_keeps_the_block_at_w0(tiny_model_dir, synth_data, tmp_path
     init_p, final_p = init.state_dict(), AutoModelForCausalLM.from_pretrained(out).state_dict()
     moved = [float((final_p[n] - init_p[n]).norm() / init_p[n].norm()) for n in fresh_anchor.terms]
     assert min(moved) > 1e-3, min(moved)
+
+
+def test_resume_under_the_ball_continues_the_same_run(tiny_model_dir, synth_data, tmp_path, fresh_anchor):
+    """Interrupted after step 7 (checkpoint at 6) and resumed, the ball run logs the same drift before and after
+    every projection as the uninterrupted run, keeps its counters, and ends on the same weights."""
+    extra = (f"anchor.budget={EPS}", "anchor.budget_form=ball")
+    train(cfg_for(tiny_model_dir, synth_data, tmp_path / "full", *extra), progress=False)
+    part = cfg_for(tiny_model_dir, synth_data, tmp_path / "part", *extra)
+    train(part, progress=False, extra_callbacks=[StopAt(7)])
+    state = json.loads((tmp_path / "part" / "checkpoint-6" / "rpsft_budget.json").read_text())
+    assert state["form"] == "ball" and state["updates"] == 6 and state["projected_steps"] >= 1
+    summary = train(part, resume="latest", progress=False)
+    assert summary["resumed_from"].endswith("checkpoint-6")
+    keys = ("rpsft/drift", "rpsft/drift_before_ball", "rpsft/ball_scale")
+    a = {r["step"]: tuple(r[k] for k in keys) for r in log_rows(tmp_path / "full")}
+    b = {r["step"]: tuple(r[k] for k in keys) for r in log_rows(tmp_path / "part")}
+    assert sorted(b) == list(range(1, STEPS + 1))  # steps 7.. logged once, by the resumed run
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-12), step
+    assert max(v[1] for v in a.values()) > EPS  # the ball really projected: not a run that never left it
+    full = json.loads((tmp_path / "full" / "run.json").read_text())["anchor"]["budget"]
+    assert summary["anchor"]["budget"]["updates"] == full["updates"] == STEPS
+    assert summary["anchor"]["budget"]["projected_steps"] == full["projected_steps"]
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "part").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert block_drift(fresh_anchor, tmp_path / "part")[0] <= EPS * (1 + 1e-3)
 
 
 # ------------------------------------------------------------------ project_ball_ itself, against brute force
