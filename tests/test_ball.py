@@ -140,7 +140,10 @@ def test_resume_under_the_ball_continues_the_same_run(tiny_model_dir, synth_data
     assert summary["anchor"]["budget"]["projected_steps"] == full["projected_steps"]
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "part").state_dict()
     want = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
-    assert all(torch.equal(got[n], want[n]) for n in want)
+    init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    moved = max(float((want[n] - init[n]).abs().max()) for n in want)
+    apart = max(float((got[n] - want[n]).abs().max()) for n in want)
+    assert apart <= 1e-6 * moved, (apart, moved)  # measured 0 (bit for bit) on one machine
     assert block_drift(fresh_anchor, tmp_path / "part")[0] <= EPS * (1 + 1e-3)
 
 
