@@ -68,11 +68,14 @@ def argv(launcher: str, args: list[str], via: str = "rpsft") -> list[str]:
 
 def env(cache: Path) -> dict[str, str]:
     """The environment of every launch: the caller's, without launcher variables, one thread per process (what
-    ``accelerate launch`` gives each process anyway), hubs offline, bases cached in the session's own directory."""
+    ``accelerate launch`` gives each process anyway), hubs offline, bases cached in the session's own directory, and
+    temporary files there too (torchrun leaves a torchelastic_* directory in TMPDIR per launch)."""
     e = {k: v for k, v in os.environ.items()
          if k not in _LAUNCHER_VARS and not k.startswith(("ACCELERATE_", "FSDP_"))}
+    tmp = Path(cache) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-             HF_DATASETS_OFFLINE="1", RPSFT_CACHE=str(cache), COLUMNS="250", PYTHONUNBUFFERED="1")
+             HF_DATASETS_OFFLINE="1", RPSFT_CACHE=str(cache), COLUMNS="250", PYTHONUNBUFFERED="1", TMPDIR=str(tmp))
     e.pop("RPSFT_DEBUG", None)  # user errors must come out as the one `error:` line
     return e
 
