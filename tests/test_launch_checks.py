@@ -52,6 +52,21 @@ def _cfg(tiny_model_dir, synth_data, tmp_path, *extra):
                               "anchor.rank=4", *extra])
 
 
+def _run_rl_to_the_launch_check(tmp_path, monkeypatch, **train):
+    """``run_rl`` on a config whose init does not exist, with ``train.<key>=value`` set; reading its data fails the
+    test, so only a refusal that comes before it (the launch check) can end the call."""
+    from rpsft.rl import RLConfig
+    from rpsft.rl import run as rl_run
+
+    cfg = RLConfig(init=str(tmp_path / "missing-init"))
+    cfg.output_dir = str(tmp_path / "rl")
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    monkeypatch.setattr(rl_run, "validate_rl", lambda cfg: None)  # the init path is not what is checked here
+    monkeypatch.setattr(rl_run, "load_prompts", lambda cfg: pytest.fail("data read before the launch check"))
+    rl_run.run_rl(cfg, progress=False)
+
+
 def _no_loading(monkeypatch):
     """Fail the test if the model is loaded or a basis computed: every refusal must come before both."""
     import rpsft.anchor as anchor_mod
@@ -129,18 +144,12 @@ def test_fsdp_on_cpu_processes_is_refused_before_the_model_loads(tiny_model_dir,
 
 
 def test_rl_refuses_fsdp_on_cpu_processes_before_reading_data(tmp_path, monkeypatch):
-    from rpsft.rl import RLConfig
-    from rpsft.rl import run as rl_run
     import rpsft.train as train_mod
 
     _launched(monkeypatch, SHIPPED / "fsdp2.yaml")
     monkeypatch.setattr(train_mod, "on_gpu", lambda: False)
-    cfg = RLConfig(init=str(tmp_path / "missing-init"))
-    cfg.output_dir = str(tmp_path / "rl")
-    monkeypatch.setattr(rl_run, "validate_rl", lambda cfg: None)
-    monkeypatch.setattr(rl_run, "load_prompts", lambda cfg: pytest.fail("data read before the launch check"))
     with pytest.raises(ConfigError, match="^FSDP in the accelerate config, but these processes run on the CPU"):
-        rl_run.run_rl(cfg, progress=False)
+        _run_rl_to_the_launch_check(tmp_path, monkeypatch)
 
 
 def test_zero3_and_bf16_from_a_deepspeed_config_file(tmp_path, monkeypatch):
@@ -251,17 +260,9 @@ def test_nan_policy_skip_is_refused_under_deepspeed(tiny_model_dir, synth_data, 
 
 
 def test_rl_refuses_skip_under_deepspeed_before_loading(tmp_path, monkeypatch):
-    from rpsft.rl import RLConfig
-    from rpsft.rl import run as rl_run
-
     _launched(monkeypatch, SHIPPED / "zero2.yaml")
-    cfg = RLConfig(init=str(tmp_path / "missing-init"))
-    cfg.output_dir = str(tmp_path / "rl")
-    cfg.train.nan_policy = "skip"
-    monkeypatch.setattr(rl_run, "validate_rl", lambda cfg: None)  # the init path is not what is checked here
-    monkeypatch.setattr(rl_run, "load_prompts", lambda cfg: pytest.fail("data read before the launch check"))
     with pytest.raises(ConfigError, match="nan_policy=skip under DeepSpeed"):
-        rl_run.run_rl(cfg, progress=False)
+        _run_rl_to_the_launch_check(tmp_path, monkeypatch, nan_policy="skip")
 
 
 class _Engine:

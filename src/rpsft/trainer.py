@@ -69,7 +69,9 @@ class AnchorMixin:
     Keywords: ``anchor`` (None or an empty anchor: a plain trainer), ``anchor_weight`` (λ of Eq. 4, a float or a
     per-type mapping), ``anchor_period`` (Algorithm 1's s), ``anchor_mode`` (auto | closed_form | autograd) and
     ``anchor_budget`` (a :class:`rpsft.budget.BudgetController` that adapts λ). Logs ``rpsft/penalty`` (R),
-    ``rpsft/weighted_penalty`` (λ·R), ``rpsft/lambda`` and ``rpsft/drift/<type>`` with the trainer's loss."""
+    ``rpsft/weighted_penalty`` (λ·R), ``rpsft/lambda`` and ``rpsft/drift/<type>`` with the trainer's loss. Being the
+    class every rpsft trainer shares, it also saves FSDP's gathered state dicts without tied copies
+    (:func:`drop_tied_copies`)."""
 
     def __init__(self, *args, anchor: RotationAnchor | None = None, anchor_weight: float = 1.0,
                  anchor_period: int = 1, anchor_mode: str = "auto", anchor_budget: BudgetController | None = None,

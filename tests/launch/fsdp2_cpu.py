@@ -12,11 +12,11 @@ backend and each process runs alone as rank 0.
 
 What this file changes, and nothing else: after ``AcceleratorState.__init__`` has built a MULTI_CPU state while
 ``ACCELERATE_USE_FSDP`` is on, it applies the three assignments accelerate's GPU branch makes (``distributed_type =
-FSDP``, the plugin's mixed precision, ``fsdp_plugin``), and it tells rpsft so (``rpsft.launch.FSDP_ON_CPU``, which
-otherwise refuses FSDP on CPU processes, accelerate's own behaviour). From there on every line is the installed libraries' own:
-the launcher and its environment, transformers' Trainer, ``Accelerator.prepare`` -> ``fsdp2_prepare_model``
-(``fully_shard`` per decoder layer on a CPU device mesh), FSDP2's sharded optimizer state and FULL_STATE_DICT
-saving, and all of rpsft (``rpsft.launch.check_launch``, the sharded anchor, the exports)."""
+FSDP``, the plugin's mixed precision, ``fsdp_plugin``), and it tells rpsft so (``rpsft.launch.FSDP_ON_CPU``: without
+it rpsft refuses FSDP on CPU processes, as accelerate would not apply it). From there on every line is the installed
+libraries' own: the launcher and its environment, transformers' Trainer, ``Accelerator.prepare`` ->
+``fsdp2_prepare_model`` (``fully_shard`` per decoder layer on a CPU device mesh), FSDP2's sharded optimizer state and
+FULL_STATE_DICT saving, and all of rpsft (``rpsft.launch.check_launch``, the sharded anchor, the exports)."""
 
 from __future__ import annotations
 
