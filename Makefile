@@ -69,8 +69,9 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Every cell of the launch matrix (tests/launch: each method x one process, DDP and FSDP2 on 2 CPU processes, rl,
-# eval, compare): 71 launches, about 12 min on 2 cores. `make test` runs those of rpsft, lora, rpsft_lora, rl, eval
-# and compare (31 launches, about 4.5 min) and skips the cells marked launch_full.
+# eval, compare, FSDP on CPU processes refused): 73 launches, about 12.5 min on 2 cores. `make test` runs those of
+# rpsft, lora, rpsft_lora, rl, eval, compare and the refusals (33 launches, about 5 min) and skips the cells marked
+# launch_full.
 test-launch: install
 	RPSFT_LAUNCH_FULL=1 $(PY) -m pytest -q tests/launch $(PYTEST_ARGS)
 

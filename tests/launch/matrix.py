@@ -51,7 +51,9 @@ def argv(launcher: str, args: list[str], via: str = "rpsft") -> list[str]:
     ddp:   ``rpsft launch ddp-cpu2 ARGS`` (via="rpsft") or
            ``accelerate launch --config_file $(rpsft accelerate-config ddp-cpu2) -m rpsft.cli ARGS`` (via="accelerate")
     fsdp2: ``accelerate launch --config_file tests/launch/fsdp2-cpu2.yaml tests/launch/fsdp2_cpu.py ARGS``: 2 CPU
-           processes with FSDP2 in force (accelerate alone runs an FSDP config on CPU processes as DDP; fsdp2_cpu.py)
+           processes with FSDP2 in force (accelerate alone runs an FSDP config on CPU processes as DDP; fsdp2_cpu.py),
+           or, via="accelerate-alone", ``accelerate launch --config_file tests/launch/fsdp2-cpu2.yaml -m rpsft.cli
+           ARGS``: what a user without GPUs would run, which rpsft refuses
     """
     if launcher == "one":
         return RPSFT + args
@@ -62,7 +64,8 @@ def argv(launcher: str, args: list[str], via: str = "rpsft") -> list[str]:
 
         return ACCELERATE_LAUNCH + ["--config_file", str(accelerate_config("ddp-cpu2")), "-m", "rpsft.cli"] + args
     if launcher == "fsdp2":
-        return ACCELERATE_LAUNCH + ["--config_file", str(FSDP2_CPU_CONFIG), str(FSDP2_CPU_SCRIPT)] + args
+        entry = ["-m", "rpsft.cli"] if via == "accelerate-alone" else [str(FSDP2_CPU_SCRIPT)]
+        return ACCELERATE_LAUNCH + ["--config_file", str(FSDP2_CPU_CONFIG), *entry] + args
     raise ValueError(launcher)
 
 

@@ -9,9 +9,11 @@ tokenizer (2 optimizer steps).
   from scratch with ``--overwrite``: both must end on the same weights.
 * ``rpsft rl`` (1 step, dynamic sampling on) under 2 processes, with its before/after evaluation.
 * ``rpsft eval`` and ``rpsft compare`` (a 1-run config) in one process, and their one-line refusal under a launcher.
+* ``rpsft train`` and ``rpsft rl`` under the FSDP config launched by accelerate alone on CPU processes (no
+  stand-in): each rank refuses, since accelerate would train DDP.
 
-``make test`` runs every cell of rpsft, lora, rpsft_lora, rl, eval and compare; the other methods' cells are marked
-``launch_full`` and run with ``make test-launch``.
+``make test`` runs every cell of rpsft, lora, rpsft_lora, rl, eval and compare and the refusals; the other methods'
+cells are marked ``launch_full`` and run with ``make test-launch``.
 """
 
 from __future__ import annotations
@@ -166,6 +168,25 @@ def test_rl_two_processes(launcher, launch_matrix, assets):
     # dynamic sampling generates again up to its cap; both ranks took the same decision each round (their
     # gathered verdicts), else the run would have hung in a collective one rank skipped
     assert row["dynamic_sampling/gen_rounds"] == 2 and row["dynamic_sampling/informative_frac"] == 0.0, row
+
+
+@pytest.mark.parametrize("command", ["train", "rl"])
+def test_fsdp_on_cpu_processes_without_the_stand_in_is_refused(command, launch_matrix, assets):
+    # accelerate alone would train these 2 CPU processes as DDP (test_launchers.py); each rank refuses instead
+    out = assets.root / "runs" / f"{command}-fsdp2-alone"
+    if command == "train":
+        args = launch_matrix.train_args("rpsft", out, 2)
+    else:
+        sets = [f"data.train={assets.train}", f"output_dir={out}", "dapo.num_generations=2",
+                "dapo.prompts_per_step=2", "dapo.micro_batch_size=2"]
+        args = ["rl", "--init", str(assets.model)] + [x for s in sets for x in ("--set", s)]
+    launch = launch_matrix.launch(f"{command} fsdp2 via accelerate alone (refused)", "fsdp2", args,
+                                  via="accelerate-alone")
+    assert launch.returncode != 0, launch.tail()
+    errors = launch.error_lines()
+    assert len(errors) == 2 and all(e.startswith("error: FSDP in the accelerate config, but these processes run on "
+                                                 "the CPU") for e in errors), launch.tail()
+    assert not out.exists()  # before the run directory was touched
 
 
 # ---------------------------------------------------------------------------------------------- eval, compare
